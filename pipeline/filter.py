@@ -223,7 +223,7 @@ def filter_table(
     """Labels manifest rows for one noun manifest table."""
     labels, dropped = _apply_exclusion(matcher, table["phrases"].to_pylist())
     kept, reasons = [], []
-    for ls, gone in zip(labels, dropped):
+    for ls, gone in zip(labels, dropped, strict=True):
         if cfg.max_labels and len(ls) > cfg.max_labels:
             gone.extend(
                 {"phrase": p, "reason": "max_labels", "term": None, "list": None}

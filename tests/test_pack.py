@@ -1,0 +1,84 @@
+import io
+import json
+import shutil
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.errors import UserError
+from pipeline.pack import PackConfig, run_pack
+
+
+def read_back(folder):
+    urls = [str(p) for p in sorted(folder.glob("train-*.tar"))]
+    return list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+
+
+def kept_labels(labels):
+    return {r["uid"]: r["labels"] for p in labels.glob("*.parquet") for r in pq.read_table(p).to_pylist() if r["kept"]}
+
+
+def test_round_trip_with_webdataset(raw, labels, shards):
+    samples = read_back(shards)
+    expected = kept_labels(labels)
+    assert sorted(s["__key__"] for s in samples) == sorted(expected)
+    for s in samples:
+        assert s["json"]["labels"] == expected[s["__key__"]]
+        assert s["json"]["uid"] == s["__key__"] and s["json"]["caption"]
+        assert s["jpg"].size == (48, 48)
+    sizes = json.loads((shards / "sizes.json").read_text())
+    assert sum(sizes.values()) == len(samples)
+    for name, n in sizes.items():
+        assert n <= 25
+        with tarfile.open(shards / name) as tar:
+            assert sum(m.name.endswith(".json") for m in tar) == n
+
+
+def test_corrupt_images_are_skipped_and_counted(raw, labels, tmp_path):
+    raw2 = tmp_path / "raw"
+    shutil.copytree(raw, raw2)
+    src = raw2 / "00000.tar"
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")]
+    broken = jpgs[0]
+    with tarfile.open(src, "w") as tar:
+        for m, data in members:
+            if m.name == broken:
+                data = data[:40]  # a truncated JPEG
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    stats = run_pack(PackConfig(raw=raw2, labels=labels, output=tmp_path / "shards", image_size=32))
+    assert stats.corrupt == 1
+    assert stats.samples == len(kept_labels(labels)) - 1
+
+
+def test_byte_bound_and_rerun(raw, labels, tmp_path):
+    out = tmp_path / "shards"
+    first = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000))
+    by_count = run_pack(PackConfig(raw=raw, labels=labels, output=tmp_path / "s2", image_size=64))
+    assert first.shards > by_count.shards
+    for tar in out.glob("train-*.tar"):
+        assert tar.stat().st_size <= 30_000
+    again = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000))
+    assert again.packed == 0 and again.skipped == again.raw_shards and again.samples == first.samples
+    with pytest.raises(UserError, match="other settings"):
+        run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=32))
+    redo = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=32, overwrite=True))
+    assert redo.samples == first.samples
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == first.samples
+    assert len(read_back(out)) == first.samples  # no stale parts from the first packing
+
+
+def test_bad_inputs(raw, labels, tmp_path):
+    with pytest.raises(UserError, match="labels folder"):
+        run_pack(PackConfig(raw=raw, labels=tmp_path / "nope", output=tmp_path / "s"))
+    partial = tmp_path / "labels"
+    shutil.copytree(labels, partial)
+    (partial / "00001.parquet").unlink()
+    with pytest.raises(UserError, match="no labels manifest.*00001"):
+        run_pack(PackConfig(raw=raw, labels=partial, output=tmp_path / "s"))
+    with pytest.raises(UserError, match="--resize"):
+        PackConfig(resize="squash")
