@@ -374,7 +374,11 @@ def inspect(
         )
     )
     if fmt == "json":
-        print(json.dumps([dict(zip(res.columns, r, strict=True)) for r in res.rows], default=str, indent=1))
+        print(
+            json.dumps(
+                [dict(zip(res.columns, r, strict=True)) for r in res.rows], default=str, indent=1
+            )
+        )
     elif fmt == "csv":
         import csv
         import sys

@@ -11,6 +11,7 @@ the NER and lemmatizer change nothing here and cost most of the time.
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -97,13 +98,59 @@ def phrases_of(doc) -> list[str]:
     return out
 
 
-def extract(
-    nlp, captions: Iterable[str], batch_size: int = 256, processes: int = 1
-) -> list[list[str]]:
+def extract(nlp, captions: Iterable[str], batch_size: int = 256) -> list[list[str]]:
     """Noun phrases of every caption (already cleaned), in order."""
-    return [
-        phrases_of(doc) for doc in nlp.pipe(captions, batch_size=batch_size, n_process=processes)
-    ]
+    return [phrases_of(doc) for doc in nlp.pipe(captions, batch_size=batch_size)]
+
+
+_WORKER_NLP = None
+
+
+def _init_worker(model: str) -> None:
+    global _WORKER_NLP
+    _WORKER_NLP = load_nlp(model)
+
+
+def _extract_chunk(job: tuple[list[str], int]) -> list[list[str]]:
+    captions, batch_size = job
+    return extract(_WORKER_NLP, captions, batch_size)
+
+
+class Extractor:
+    """Algorithm 1 over many captions, in this process or in a pool of worker processes.
+
+    Workers parse and return only the phrases. (spaCy's own ``nlp.pipe(n_process=N)`` sends
+    every parsed Doc back to the parent, which then spends its time deserialising them: on two
+    cores it was barely faster than one process.)
+    """
+
+    def __init__(
+        self, model: str = DEFAULT_MODEL, processes: int = 1, batch_size: int = 256
+    ) -> None:
+        self.nlp = load_nlp(model)  # in this process too: small inputs and the model's identity
+        self.model, self.batch_size, self.processes = model, batch_size, processes
+        self.pool = None
+
+    def __call__(self, captions: list[str]) -> list[list[str]]:
+        if self.processes == 1 or len(captions) < 2 * self.batch_size:
+            return extract(self.nlp, captions, self.batch_size)
+        if self.pool is None:  # started on first use, so a run with nothing to do starts none
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ctx.Pool(self.processes, initializer=_init_worker, initargs=(self.model,))
+        size = -(-len(captions) // (self.processes * 4))  # a few chunks per worker
+        jobs = [(captions[i : i + size], self.batch_size) for i in range(0, len(captions), size)]
+        return [p for part in self.pool.map(_extract_chunk, jobs) for p in part]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+
+    def __enter__(self) -> Extractor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def model_identity(nlp, model: str) -> dict:
@@ -127,44 +174,48 @@ def run_extract_nouns(
     if not shards:
         raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
     ensure_output_dir(cfg.output, "*.parquet", "output")
-    nlp = load_nlp(cfg.model)
-    settings = {**model_identity(nlp, cfg.model), "max_caption_chars": cfg.max_caption_chars}
     stats = NounsStats(shards=len(shards))
-
-    todo = []
-    for shard in shards:
-        if check_done(cfg.output / shard.name, settings, cfg.overwrite):
-            stats.skipped += 1
-        else:
-            todo.append(shard)
-    rows = [_successes(s) for s in todo]
-    if on_start:
-        on_start(sum(t.num_rows for t in rows))
-    for shard, table in zip(todo, rows, strict=True):
-        captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
-        phrases = []
-        # Parse in slices so progress moves within a large shard.
-        step = max(cfg.batch_size * cfg.processes * 4, 1024)
-        for start in range(0, len(captions), step):
-            part = captions[start : start + step]
-            phrases += extract(nlp, part, cfg.batch_size, cfg.processes)
-            if on_advance:
-                on_advance(len(part))
-        out = pa.table(
-            {
-                "uid": table["uid"],
-                "key": table["key"],
-                "caption": table["caption"],
-                "phrases": pa.array(phrases, pa.list_(pa.string())),
-            },
-            schema=SCHEMA,
-        )
-        write_parquet(cfg.output / shard.name, out, settings)
-        stats.written += 1
-        stats.captions += len(captions)
-        stats.empty_captions += sum(not c for c in captions)
-        stats.no_phrase += sum(not p for p in phrases)
-        stats.phrases += sum(len(p) for p in phrases)
+    with Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor:
+        settings = {
+            **model_identity(extractor.nlp, cfg.model),
+            "max_caption_chars": cfg.max_caption_chars,
+        }
+        todo = []
+        for shard in shards:
+            if check_done(cfg.output / shard.name, settings, cfg.overwrite):
+                stats.skipped += 1
+            else:
+                todo.append(shard)
+        rows = [_successes(s) for s in todo]
+        if on_start:
+            on_start(sum(t.num_rows for t in rows))
+        for shard, table in zip(todo, rows, strict=True):
+            captions = [
+                clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()
+            ]
+            phrases = []
+            # Parse in slices so progress moves within a large shard.
+            step = max(cfg.batch_size * cfg.processes * 8, 2048)
+            for start in range(0, len(captions), step):
+                part = captions[start : start + step]
+                phrases += extractor(part)
+                if on_advance:
+                    on_advance(len(part))
+            out = pa.table(
+                {
+                    "uid": table["uid"],
+                    "key": table["key"],
+                    "caption": table["caption"],
+                    "phrases": pa.array(phrases, pa.list_(pa.string())),
+                },
+                schema=SCHEMA,
+            )
+            write_parquet(cfg.output / shard.name, out, settings)
+            stats.written += 1
+            stats.captions += len(captions)
+            stats.empty_captions += sum(not c for c in captions)
+            stats.no_phrase += sum(not p for p in phrases)
+            stats.phrases += sum(len(p) for p in phrases)
     return stats
 
 

@@ -141,7 +141,8 @@ class _Parts:
 
         new = [len(v) for v in fields.values()]
         full = self.writer is not None and (
-            self.counts[self.name] >= self.max_count or _tar_bytes(self.sizes + new) > self.max_bytes
+            self.counts[self.name] >= self.max_count
+            or _tar_bytes(self.sizes + new) > self.max_bytes
         )
         if self.writer is None or full:
             self.close()

@@ -28,8 +28,18 @@ PER_SHARD = 40
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "world"
-    run_world(WorldConfig(output=out, count=WORLD_COUNT, val_count=12, ref_count=12, size=64,
-                          port=free_port(), dead_fraction=0.08, broken_fraction=0.03))
+    run_world(
+        WorldConfig(
+            output=out,
+            count=WORLD_COUNT,
+            val_count=12,
+            ref_count=12,
+            size=64,
+            port=free_port(),
+            dead_fraction=0.08,
+            broken_fraction=0.03,
+        )
+    )
     return out
 
 
@@ -45,8 +55,16 @@ def served(world) -> str:
 @pytest.fixture(scope="session")
 def raw(world, served, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("chain") / "raw"
-    run_download(DownloadConfig(url_list=world / "cc12m.tsv", output=out, samples_per_shard=PER_SHARD,
-                                threads=8, timeout=3, image_size=64))
+    run_download(
+        DownloadConfig(
+            url_list=world / "cc12m.tsv",
+            output=out,
+            samples_per_shard=PER_SHARD,
+            threads=8,
+            timeout=3,
+            image_size=64,
+        )
+    )
     return out
 
 

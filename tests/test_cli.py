@@ -24,7 +24,11 @@ def one_error_line(result, needle):
 
 @pytest.mark.parametrize(
     "content, needle",
-    [(None, "does not exist"), (b"", "holds no rows"), (b"a\tb\tc\n", "expected 2 tab-separated columns")],
+    [
+        (None, "does not exist"),
+        (b"", "holds no rows"),
+        (b"a\tb\tc\n", "expected 2 tab-separated columns"),
+    ],
 )
 def test_download_bad_url_lists(tmp_path, content, needle):
     f = tmp_path / "urls.tsv"
@@ -34,15 +38,23 @@ def test_download_bad_url_lists(tmp_path, content, needle):
 
 
 def test_stage_errors(tmp_path, nouns, raw, labels):
-    one_error_line(run("extract-nouns", "--raw", tmp_path / "none", "--output", tmp_path / "n"),
-                   "run `synseg-data download` first")
+    one_error_line(
+        run("extract-nouns", "--raw", tmp_path / "none", "--output", tmp_path / "n"),
+        "run `synseg-data download` first",
+    )
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.md").write_text("mine")
-    one_error_line(run("extract-nouns", "--raw", raw, "--output", busy), "already holds other files")
-    one_error_line(run("filter", "--nouns", nouns, "--output", tmp_path / "l", "--exclude", "nope"),
-                   "exclusion list 'nope' not found")
-    one_error_line(run("filter", "--nouns", nouns, "--output", tmp_path / "l", "--match", "fuzzy"), "--match")
+    one_error_line(
+        run("extract-nouns", "--raw", raw, "--output", busy), "already holds other files"
+    )
+    one_error_line(
+        run("filter", "--nouns", nouns, "--output", tmp_path / "l", "--exclude", "nope"),
+        "exclusion list 'nope' not found",
+    )
+    one_error_line(
+        run("filter", "--nouns", nouns, "--output", tmp_path / "l", "--match", "fuzzy"), "--match"
+    )
     one_error_line(run("pack", "--raw", raw, "--labels", tmp_path / "none"), "labels folder")
     one_error_line(run("inspect", "SELECT * FROM nowhere", "--labels", labels), "query failed")
     one_error_line(run("inspect", "--report", "bogus"), "unknown report")
@@ -54,16 +66,33 @@ def test_inspect_prints_a_report(raw, nouns, labels, shards):
     result = run("inspect", "--report", "top-labels", "--limit", "4", *paths)
     assert result.exit_code == 0, result.output
     assert "most frequent" in result.stdout
-    rows = json.loads(run("inspect", "SELECT label, images FROM (SELECT unnest(labels) AS label, count(*) AS images "
-                                      "FROM labels WHERE kept GROUP BY 1) ORDER BY images DESC, label LIMIT 4",
-                          "--format", "json", *paths).stdout)
+    rows = json.loads(
+        run(
+            "inspect",
+            "SELECT label, images FROM (SELECT unnest(labels) AS label, count(*) AS images "
+            "FROM labels WHERE kept GROUP BY 1) ORDER BY images DESC, label LIMIT 4",
+            "--format",
+            "json",
+            *paths,
+        ).stdout
+    )
     assert len(rows) == 4
     for r in rows:
         assert r["label"] in result.stdout
 
 
 def test_filter_summary_and_rerun(nouns, tmp_path):
-    args = ["filter", "--nouns", nouns, "--output", tmp_path / "l", "--exclude", "generic", "--max-labels", "2"]
+    args = [
+        "filter",
+        "--nouns",
+        nouns,
+        "--output",
+        tmp_path / "l",
+        "--exclude",
+        "generic",
+        "--max-labels",
+        "2",
+    ]
     first = run(*args)
     assert first.exit_code == 0, first.output
     assert "dropped_by_term: view" in first.stdout

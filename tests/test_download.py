@@ -65,7 +65,13 @@ def test_url_list_parsing(tmp_path):
     assert table.column_names == ["url", "caption", "uid"]
     assert table["url"].to_pylist() == [f"http://a.example/{i}.jpg" for i in (1, 2, 3, 4)]
     assert table["uid"].to_pylist()[0] == uid_of("http://a.example/1.jpg")
-    assert (stats.duplicates, stats.empty_captions, stats.not_utf8, stats.bad_rows, stats.truncated_captions) == (1, 1, 1, 1, 1)
+    assert (
+        stats.duplicates,
+        stats.empty_captions,
+        stats.not_utf8,
+        stats.bad_rows,
+        stats.truncated_captions,
+    ) == (1, 1, 1, 1, 1)
     assert table["caption"].to_pylist()[2].startswith("caf\ufffd")
     assert len(table["caption"].to_pylist()[3]) == 1000
 
@@ -134,8 +140,11 @@ def test_killed_download_resumes_with_every_sample_once(slow_world, tmp_path):
         f"run_download(DownloadConfig(url_list=Path({str(slow_world)!r}), output=Path({str(out)!r}), "
         "samples_per_shard=20, threads=2, timeout=5, image_size=64))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*_stats.json"))) < 2:
         time.sleep(0.05)
@@ -145,8 +154,16 @@ def test_killed_download_resumes_with_every_sample_once(slow_world, tmp_path):
     expected_shards = -(-n_rows // 20)
     assert 0 < finished_before < expected_shards, "the kill should land in the middle of the run"
 
-    stats = run_download(DownloadConfig(url_list=slow_world, output=out, samples_per_shard=20,
-                                        threads=4, timeout=5, image_size=64))
+    stats = run_download(
+        DownloadConfig(
+            url_list=slow_world,
+            output=out,
+            samples_per_shard=20,
+            threads=4,
+            timeout=5,
+            image_size=64,
+        )
+    )
     assert stats.shards == expected_shards
     got = successes(out)
     assert len(got) == len(set(got)) == n_rows
@@ -168,7 +185,14 @@ def test_retry_failed_fetches_only_the_failures(world, tmp_path):
     port = free_port()
     write_url_list(copy, port)
     out = tmp_path / "raw"
-    cfg = dict(url_list=copy / "cc12m.tsv", output=out, samples_per_shard=50, threads=8, timeout=3, image_size=64)
+    cfg = dict(
+        url_list=copy / "cc12m.tsv",
+        output=out,
+        samples_per_shard=50,
+        threads=8,
+        timeout=3,
+        image_size=64,
+    )
     with serving(copy, port):
         first = run_download(DownloadConfig(**cfg))
         assert first.success == kinds.count("ok") - len(hidden)
@@ -187,5 +211,11 @@ def test_retry_failed_fetches_only_the_failures(world, tmp_path):
 
 def test_retry_needs_a_finished_download(world, tmp_path):
     with pytest.raises(UserError, match="not finished"):
-        run_download(DownloadConfig(url_list=world / "cc12m.tsv", output=tmp_path / "raw",
-                                    samples_per_shard=50, retry_failed=True))
+        run_download(
+            DownloadConfig(
+                url_list=world / "cc12m.tsv",
+                output=tmp_path / "raw",
+                samples_per_shard=50,
+                retry_failed=True,
+            )
+        )

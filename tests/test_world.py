@@ -45,7 +45,9 @@ def test_world_layout(world):
     assert (world / "classes.txt").read_text().split() == list(CLASSES)
     lines = (world / "cc12m.tsv").read_text().splitlines()
     assert len(lines) == meta["identity"]["count"]
-    assert all(len(line.split("\t")) == 2 and line.startswith("http://127.0.0.1:") for line in lines)
+    assert all(
+        len(line.split("\t")) == 2 and line.startswith("http://127.0.0.1:") for line in lines
+    )
     voc = world / "VOC2012"
     ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
     assert len(ids) == 12
