@@ -395,6 +395,35 @@ def inspect(
         out.print(table)
 
 
+@app.command()
+@handle_errors
+def demo(
+    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 2000,
+    port: Annotated[int, typer.Option(help="Loopback port the world is served on")] = 8642,
+    processes: Annotated[int, typer.Option(help="spaCy worker processes")] = 2,
+) -> None:
+    """Run every stage on the synthetic world (offline) into the default paths."""
+    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.inspect import InspectConfig, run_inspect
+
+    t = time.time()
+    run_demo(
+        DemoConfig(count=count, port=port, processes=processes),
+        on_stage=lambda name, stats: summary(name, stats),
+    )
+    for report in ("top-labels", "drops-by-term"):
+        res = run_inspect(InspectConfig(report=report, limit=10))
+        table = Table(title=res.title, title_justify="left")
+        for c in res.columns:
+            table.add_column(c)
+        for r in res.rows:
+            table.add_row(*(str(v) for v in r))
+        out.print(table)
+    out.print(
+        f"done in {time.time() - t:.0f} s; training shards in data/shards, manifests in manifests/"
+    )
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,96 @@
+"""The whole data pipeline on the synthetic world, offline, with the same stages a user runs.
+
+world -> serve on 127.0.0.1 -> download -> extract-nouns -> filter --exclude generic -> pack,
+into the default paths (data/world, data/raw, manifests/nouns, manifests/labels, data/shards),
+so every command of the README works on the result. A rerun reuses whatever is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.download import DownloadConfig, run_download
+from pipeline.filter import FilterConfig, run_filter
+from pipeline.nouns import NounsConfig, run_extract_nouns
+from pipeline.pack import PackConfig, run_pack
+from pipeline.serve import serving
+from pipeline.world import WorldConfig, load_world, run_world
+
+
+@dataclass
+class DemoConfig:
+    world: Path = Path("data/world")
+    raw: Path = Path("data/raw")
+    nouns: Path = Path("manifests/nouns")
+    labels: Path = Path("manifests/labels")
+    shards: Path = Path("data/shards")
+    count: int = 2000  # train images of the world
+    val_count: int = 200
+    ref_count: int = 600
+    size: int = 128  # world image side
+    image_size: int = 64  # training resolution of the packed shards
+    seed: int = 0
+    port: int = 8642  # loopback port of the world's URL list
+    processes: int = 2  # spaCy workers
+    samples_per_shard: int = 500
+
+
+@dataclass
+class DemoStats:
+    stages: dict[str, Any] = field(default_factory=dict)
+
+
+def run_demo(cfg: DemoConfig, on_stage: Callable[[str, Any], None] | None = None) -> DemoStats:
+    """Run every stage in order; ``on_stage(name, stats)`` is called after each."""
+    out = DemoStats()
+
+    def done(name: str, stats: Any) -> None:
+        out.stages[name] = stats
+        if on_stage:
+            on_stage(name, stats)
+
+    done(
+        "world",
+        run_world(
+            WorldConfig(
+                output=cfg.world,
+                count=cfg.count,
+                val_count=cfg.val_count,
+                ref_count=cfg.ref_count,
+                size=cfg.size,
+                seed=cfg.seed,
+                port=cfg.port,
+            )
+        ),
+    )
+    with serving(cfg.world, load_world(cfg.world)["port"]):
+        done(
+            "download",
+            run_download(
+                DownloadConfig(
+                    url_list=cfg.world / "cc12m.tsv",
+                    output=cfg.raw,
+                    samples_per_shard=cfg.samples_per_shard,
+                    image_size=cfg.size,
+                    threads=16,
+                    timeout=5,
+                )
+            ),
+        )
+    done(
+        "extract-nouns",
+        run_extract_nouns(NounsConfig(raw=cfg.raw, output=cfg.nouns, processes=cfg.processes)),
+    )
+    done(
+        "filter", run_filter(FilterConfig(nouns=cfg.nouns, output=cfg.labels, exclude=["generic"]))
+    )
+    done(
+        "pack",
+        run_pack(
+            PackConfig(raw=cfg.raw, labels=cfg.labels, output=cfg.shards, image_size=cfg.image_size)
+        ),
+    )
+    return out
