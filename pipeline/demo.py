@@ -35,7 +35,6 @@ class DemoConfig:
     seed: int = 0
     port: int = 8642  # loopback port of the world's URL list
     processes: int = 2  # spaCy workers
-    samples_per_shard: int = 500
 
 
 @dataclass
@@ -67,18 +66,10 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str, Any], None] | None = None
         ),
     )
     with serving(cfg.world, load_world(cfg.world)["port"]):
+        # The command line's download defaults, so a later `synseg-data download` resumes it.
         done(
             "download",
-            run_download(
-                DownloadConfig(
-                    url_list=cfg.world / "cc12m.tsv",
-                    output=cfg.raw,
-                    samples_per_shard=cfg.samples_per_shard,
-                    image_size=cfg.size,
-                    threads=16,
-                    timeout=5,
-                )
-            ),
+            run_download(DownloadConfig(url_list=cfg.world / "cc12m.tsv", output=cfg.raw)),
         )
     done(
         "extract-nouns",

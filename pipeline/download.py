@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, write_json
+from pipeline.fsutil import atomic_path, describe_diff, write_json
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 META = "_synseg"
@@ -324,8 +324,8 @@ def run_download(cfg: DownloadConfig, on_start=None, on_tick=None) -> DownloadSt
         previous = json.loads(record.read_text())
         if previous != settings:
             raise UserError(
-                f"{out} holds a download of another URL list or with other settings; "
-                "choose another --output"
+                f"{out} holds a download of another URL list or with other settings "
+                f"({describe_diff(previous, settings)}); choose another --output"
             )
     else:
         write_json(record, settings)

@@ -73,13 +73,13 @@ def check_done(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     previous = read_settings(path)
     if previous != settings:
         raise UserError(
-            f"{path} was written with other settings ({_diff(previous, settings)}); "
+            f"{path} was written with other settings ({describe_diff(previous, settings)}); "
             "pass --overwrite to redo it or choose another output folder"
         )
     return True
 
 
-def _diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+def describe_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if old is None:
         return "no settings recorded"
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
