@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -72,6 +73,11 @@ class DownloadConfig:
             "border",
         ):
             problems.append(f"unknown --resize-mode {self.resize_mode!r}")
+        needs = {"pyspark": "pyspark", "ray": "ray"}.get(self.distributor)
+        if needs and importlib.util.find_spec(needs) is None:
+            problems.append(
+                f"--distributor {self.distributor} needs the {needs} package (pip install {needs})"
+            )
         if problems:
             raise UserError("; ".join(problems))
 

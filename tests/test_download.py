@@ -103,6 +103,11 @@ def test_download_refuses_a_foreign_output_and_a_missing_list(tmp_path):
         run_download(DownloadConfig(url_list=f, output=tmp_path / "busy"))
     with pytest.raises(UserError, match="--distributor"):
         DownloadConfig(url_list=f, distributor="slurm")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        with pytest.raises(UserError, match="needs the ray package"):
+            DownloadConfig(url_list=f, distributor="ray")
 
 
 class _SlowHandler(_QuietHandler):
