@@ -5,6 +5,7 @@ library fails to load and ``import torchvision`` (hence ``import open_clip``) st
 ``operator torchvision::nms does not exist`` (pytorch/vision#9085). open_clip never calls
 those detection ops, so declaring their two schemas lets the import finish. This is done only
 after a real import has failed that way; a working torchvision is left alone.
+(transformers' CLIPSeg imports torchvision too, through its image processors.)
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 _LIBRARIES: list = []  # keep the definitions alive for the life of the process
 
 
-def import_open_clip():
-    """``import open_clip``, declaring torchvision's missing operator schemas if needed."""
+def ensure_torchvision() -> None:
+    """Make ``import torchvision`` work, declaring its missing operator schemas if needed."""
     try:
         import torchvision  # noqa: F401
     except RuntimeError as e:
@@ -30,6 +31,11 @@ def import_open_clip():
         lib.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
         _LIBRARIES.append(lib)
         import torchvision  # noqa: F401
+
+
+def import_open_clip():
+    """``import open_clip`` (which imports torchvision) on any torch build."""
+    ensure_torchvision()
     import open_clip
 
     return open_clip
