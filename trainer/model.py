@@ -1,0 +1,182 @@
+"""SynSeg: frozen CLIP, CLIPSeg decoder with FiLM, and the Feature Synergy Structure projector.
+
+Images enter as floats in [0, 1]; the model applies the normalisation its decoder weights were
+trained with (recorded in its config). Training runs the decoder once per (image, category)
+slot of a padded (B, N) batch; inference runs it once per (image, class prompt) pair, after
+one backbone pass per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import UserError
+from trainer.backbone import NORMALISE, FrozenCLIP
+from trainer.decoder import CLIPSegDecoder, DecoderConfig
+from trainer.losses import synergy
+
+PROJECTOR_INPUTS = ("conditioned", "visual")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "ViT-B-16-quickgelu"  # open_clip architecture (OpenAI weights need QuickGELU)
+    pretrained: str | None = "openai"  # open_clip tag, a local checkpoint file, or None (random)
+    taps: tuple[int, ...] = (3, 6, 9)  # visual blocks the decoder reads (0-based), CLS kept
+    reduce_dim: int = 64
+    heads: int = 4
+    ffn_dim: int = 2048
+    refined: bool = False  # CLIPSeg's refined upsampling
+    film_hidden: int = 0  # 0: CLIPSeg's linear FiLM; >0: the paper's "small MLP" with this width
+    decoder_init: str | None = None  # CLIPSeg or Hugging Face CLIPSeg weights for the decoder
+    normalise: str = "auto"  # clip, imagenet, or auto (imagenet for CLIPSeg weights, else clip)
+    # The paper's projector reads the FiLM-conditioned features. Then the text embedding flows
+    # straight into the synergy vectors, and L_align/L_sep are met whatever the maps are: the
+    # maps collapse to one mask for every class. "visual" reads the unconditioned features.
+    projector_input: str = "conditioned"
+
+    def __post_init__(self) -> None:
+        self.taps = tuple(self.taps)
+        problems = []
+        if self.projector_input not in PROJECTOR_INPUTS:
+            problems.append(f"projector_input must be one of {PROJECTOR_INPUTS}")
+        if self.normalise not in ("auto", *NORMALISE):
+            problems.append(f"normalise must be auto or one of {tuple(NORMALISE)}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+@dataclass
+class TrainOutput:
+    logits: torch.Tensor  # (B, N, H, W)
+    f: torch.Tensor  # (B, N, d) foreground synergy vectors
+    fbar: torch.Tensor  # (B, N, d) background synergy vectors
+    absent_maps: torch.Tensor | None = None  # (B, K, hw)
+    extras: dict = field(default_factory=dict)
+
+
+class SynSeg(nn.Module):
+    def __init__(self, cfg: ModelConfig, backbone: FrozenCLIP | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone or FrozenCLIP(cfg.arch, cfg.pretrained, cfg.taps)
+        b = self.backbone
+        self.decoder = CLIPSegDecoder(
+            DecoderConfig(
+                width=b.width,
+                cond_dim=b.embed_dim,
+                depth=len(cfg.taps),
+                reduce_dim=cfg.reduce_dim,
+                heads=cfg.heads,
+                ffn_dim=cfg.ffn_dim,
+                patch_size=b.patch_size,
+                refined=cfg.refined,
+                film_hidden=cfg.film_hidden,
+            )
+        )
+        d = b.embed_dim
+        # FSS projector: decoder features on the patch grid -> text-embedding width.
+        self.projector = nn.Sequential(
+            nn.Conv2d(cfg.reduce_dim, d, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(d, d, kernel_size=1),
+        )
+        self.decoder_format = None
+        if cfg.decoder_init:
+            from trainer.decoder import load_decoder_state
+
+            self.decoder_format = load_decoder_state(self.decoder, cfg.decoder_init)
+        norm = cfg.normalise
+        if norm == "auto":
+            norm = "imagenet" if self.decoder_format else "clip"
+        self.normalisation = norm
+        mean, std = NORMALISE[norm]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # ----------------------------------------------------------------- parts
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """FiLM + decoder + projector: everything but the frozen backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def _visual(self, images: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        x = (images - self.mean) / self.std
+        taps = self.backbone.visual_taps(x)
+        p = self.backbone.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        return self.decoder.reduce_taps(taps), grid
+
+    def _project(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(P, 1 + hw, r) tokens -> (P, hw, d) projected patch features."""
+        x = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (P, r, h, w)
+        return self.projector(x).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def pooled_maps(logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Sigmoid activation maps pooled to the patch grid: (P, H, W) -> (P, hw)."""
+        return F.adaptive_avg_pool2d(torch.sigmoid(logits)[:, None], grid).flatten(1)
+
+    # ----------------------------------------------------------------- training
+
+    def forward_train(
+        self, images: torch.Tensor, text: torch.Tensor, absent_text: torch.Tensor | None = None
+    ) -> TrainOutput:
+        """images (B, 3, H, W) in [0, 1]; text (B, N, d) label embeddings (padded slots allowed:
+        the loss masks them); absent_text (B, K, d) embeddings of categories not in the image."""
+        B, N, d = text.shape
+        reduced, grid = self._visual(images)
+        size = tuple(images.shape[-2:])
+        image_of = torch.arange(B, device=images.device).repeat_interleave(N)  # (B*N,)
+        logits, conditioned = self.decoder(reduced, text.reshape(B * N, d), image_of, grid, size)
+        maps = self.pooled_maps(logits, grid).view(B, N, -1)  # (B, N, hw)
+        if self.cfg.projector_input == "visual":
+            feats = self._project(reduced[0], grid)  # (B, hw, d): one per image
+        else:
+            feats = self._project(conditioned, grid).view(B, N, -1, d)  # (B, N, hw, d)
+        f, fbar = synergy(maps, feats)
+        absent_maps = None
+        if absent_text is not None and absent_text.shape[1]:
+            K = absent_text.shape[1]
+            image_of_k = torch.arange(B, device=images.device).repeat_interleave(K)
+            neg_logits, _ = self.decoder(
+                reduced, absent_text.reshape(B * K, d), image_of_k, grid, size
+            )
+            absent_maps = self.pooled_maps(neg_logits, grid).view(B, K, -1)
+        return TrainOutput(logits.view(B, N, *size), f, fbar, absent_maps)
+
+    # ----------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def segment(
+        self, images: torch.Tensor, classes: torch.Tensor, chunk: int = 256
+    ) -> torch.Tensor:
+        """Logits (B, C, H, W) of C class embeddings (C, d) on images (B, 3, H, W) in [0, 1].
+
+        One backbone pass per image; the decoder runs over all (image, class) pairs in chunks.
+        """
+        B, C = images.shape[0], classes.shape[0]
+        reduced, grid = self._visual(images)
+        size = tuple(images.shape[-2:])
+        image_of = torch.arange(B, device=images.device).repeat_interleave(C)
+        cond = classes.repeat(B, 1)  # (B*C, d)
+        out = [
+            self.decoder(reduced, cond[i : i + chunk], image_of[i : i + chunk], grid, size)[0]
+            for i in range(0, B * C, chunk)
+        ]
+        return torch.cat(out).view(B, C, *size)
+
+    def describe(self) -> dict:
+        """What a checkpoint must record to rebuild this model."""
+        return {
+            **asdict(self.cfg),
+            "normalisation": self.normalisation,
+            "decoder_format": self.decoder_format,
+        }
