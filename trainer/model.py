@@ -152,6 +152,9 @@ class SynSeg(nn.Module):
             absent_maps = self.pooled_maps(neg_logits, grid).view(B, K, -1)
         return TrainOutput(logits.view(B, N, *size), f, fbar, absent_maps)
 
+    def forward(self, images, text, absent_text=None) -> TrainOutput:
+        return self.forward_train(images, text, absent_text)  # what DDP calls
+
     # ----------------------------------------------------------------- inference
 
     @torch.no_grad()

@@ -1,0 +1,88 @@
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from trainer.backbone import FrozenCLIP
+from trainer.data import ShardStream, find_shards
+from trainer.textcache import LabelCache
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_batches_and_label_cap(shards):
+    s = ShardStream(
+        find_shards(shards), image_size=64, batch_size=6, max_labels=2, seed=1, shuffle_buffer=20
+    )
+    batches = take(s, 3)
+    for b in batches:
+        assert (
+            b["images"].shape == (6, 3, 64, 64)
+            and b["images"].min() >= 0
+            and b["images"].max() <= 1
+        )
+        assert all(1 <= len(ls) <= 2 for ls in b["labels"])
+    again = take(ShardStream(find_shards(shards), 64, 6, 2, seed=1, shuffle_buffer=20), 3)
+    assert [b["labels"] for b in batches] == [
+        b["labels"] for b in again
+    ]  # a pure function of the seed
+    other = take(ShardStream(find_shards(shards), 64, 6, 2, seed=2, shuffle_buffer=20), 3)
+    assert [b["labels"] for b in other] != [b["labels"] for b in batches]
+
+
+def test_ranks_read_disjoint_shards(shards):
+    found = find_shards(shards)
+    a = ShardStream(found, 64, 4, 8, seed=0, shuffle_buffer=1, rank=0, world=2)
+    b = ShardStream(found, 64, 4, 8, seed=0, shuffle_buffer=1, rank=1, world=2)
+    assert set(a._my_shards(0)).isdisjoint(b._my_shards(0))
+    assert sorted(a._my_shards(0) + b._my_shards(0)) == sorted(found.urls)
+
+
+def test_bad_samples_are_skipped_and_counted(shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    first = sorted(copy.glob("train-*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(first, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if i == 0 and m.name.endswith(".jpg"):
+                data = b"not a jpeg"
+            if i == 3 and m.name.endswith(".json"):
+                data = json.dumps({"labels": []}).encode()  # no label: unusable
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    sizes = json.loads((copy / "sizes.json").read_text())
+    (copy / "sizes.json").write_text(json.dumps({first.name: sizes[first.name]}))
+    n = sizes[first.name]
+    s = ShardStream(find_shards(copy), 64, n - 2, 8, seed=0, shuffle_buffer=1)
+    batch = take(s, 1)[0]
+    assert batch["bad"] == 2 and len(batch["labels"]) == n - 2
+    with pytest.raises(UserError, match="fewer usable samples than one batch"):
+        take(ShardStream(find_shards(copy), 64, n, 8, seed=0, shuffle_buffer=1), 1)
+
+
+def test_label_cache_encodes_each_phrase_once(tmp_path):
+    torch.manual_seed(0)
+    bb = FrozenCLIP("synseg-tiny", None, (1, 2, 3))
+    cache = LabelCache(bb, "a photo of a {}.", tmp_path)
+    a = cache.embed(["dog", "cat", "dog"])
+    b = cache.embed(["cat", "bird"])
+    assert cache.encoded == 3 and torch.equal(a[1], b[0]) and torch.equal(a[0], a[2])
+    torch.testing.assert_close(a[0], bb.encode_text(["a photo of a dog."])[0])
+    cache.save()
+    again = LabelCache(bb, "a photo of a {}.", tmp_path)
+    assert (
+        torch.equal(again.embed(["bird", "dog"]), torch.stack([b[1], a[0]])) and again.encoded == 0
+    )
+    assert LabelCache(bb, "{}", tmp_path).index == {}  # another template: another cache
+    torch.manual_seed(1)
+    other = FrozenCLIP("synseg-tiny", None, (1, 2, 3))  # other weights: another id
+    assert LabelCache(other, "a photo of a {}.", tmp_path).id != cache.id

@@ -1,0 +1,182 @@
+"""The trainer on shards packed from the synthetic world, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import UserError
+from trainer.config import resolve
+from trainer.train import load_model, run_train
+
+
+def tiny(shards, out, *extra):
+    return resolve(
+        "tiny",
+        overrides=[f"data.shards={shards}", f"run.output={out}", "data.batch_size=8", *extra],
+    )
+
+
+def weights(run, step):
+    return load_file(str(Path(run) / "checkpoints" / f"step-{step:07d}" / "model.safetensors"))
+
+
+def losses(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    stats = run_train(
+        tiny(
+            shards,
+            out,
+            "optim.max_steps=8",
+            "run.save_every=4",
+            "model.projector_input=visual",
+            "loss.straight_through=true",
+        )
+    )
+    return out, stats
+
+
+def test_tiny_preset_trains_and_writes_exactly_these_files(full_run):
+    out, stats = full_run
+    assert stats.steps == 8 and stats.start_step == 0
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    cache = [f for f in files if f.startswith("text_cache/")]
+    assert sorted(set(files) - set(cache)) == [
+        "checkpoints/latest",
+        "checkpoints/step-0000004/config.json",
+        "checkpoints/step-0000004/model.safetensors",
+        "checkpoints/step-0000004/optimizer.pt",
+        "checkpoints/step-0000008/config.json",
+        "checkpoints/step-0000008/model.safetensors",
+        "checkpoints/step-0000008/optimizer.pt",
+        "config.json",
+        "metrics.jsonl",
+    ]
+    assert len(cache) == 2 and {Path(c).suffix for c in cache} == {".json", ".safetensors"}
+    assert (out / "checkpoints/latest").read_text().strip() == "step-0000008"
+    saved = json.loads((out / "checkpoints/step-0000008/config.json").read_text())
+    assert saved["config"]["model"]["arch"] == "synseg-tiny" and saved["label_cache"]["phrases"] > 5
+    assert not any(k.startswith("backbone.") for k in weights(out, 8))  # only what trains
+
+
+def test_loss_terms_are_finite_and_fall(full_run):
+    out, _ = full_run
+    log = losses(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for r in log:
+        assert all(torch.isfinite(torch.tensor(v)) for v in r["loss"].values())
+    first, last = log[0]["loss"]["total"], sum(r["loss"]["total"] for r in log[-2:]) / 2
+    assert last < first
+
+
+def test_resume_continues_at_the_next_step_with_the_same_result(full_run, shards, tmp_path):
+    out, _ = full_run
+    extra = ("model.projector_input=visual", "loss.straight_through=true", "run.save_every=4")
+    half = run_train(tiny(shards, tmp_path, "optim.max_steps=4", *extra))
+    assert half.steps == 4
+    resumed = run_train(tiny(shards, tmp_path, "optim.max_steps=8", *extra), resume=True)
+    assert resumed.start_step == 4 and resumed.steps == 8
+    for k, v in weights(out, 8).items():
+        torch.testing.assert_close(weights(tmp_path, 8)[k], v, rtol=1e-5, atol=1e-6)
+    assert [r["loss"] for r in losses(tmp_path)] == [r["loss"] for r in losses(out)]
+
+
+def test_resume_refusals(full_run, shards, tmp_path):
+    out, _ = full_run
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        run_train(tiny(shards, out, "optim.max_steps=9"))
+    with pytest.raises(UserError, match="other settings.*optim.lr"):
+        run_train(
+            tiny(
+                shards,
+                out,
+                "optim.max_steps=9",
+                "optim.lr=0.5",
+                "model.projector_input=visual",
+                "loss.straight_through=true",
+                "run.save_every=4",
+            ),
+            resume=True,
+        )
+    with pytest.raises(UserError, match="not a checkpoint"):
+        run_train(tiny(shards, tmp_path / "new"), resume=True)
+
+
+def test_load_model_and_another_architecture(full_run):
+    out, _ = full_run
+    model, cfg = load_model(out)
+    assert cfg.model.projector_input == "visual" and not model.training
+    from trainer.checkpoint import find, load_weights
+    from trainer.model import ModelConfig, SynSeg
+
+    other = SynSeg(
+        ModelConfig(arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), reduce_dim=32, ffn_dim=64)
+    )
+    with pytest.raises(UserError, match="another architecture"):
+        load_weights(other, find(out))
+
+
+def test_bad_inputs(tmp_path, shards):
+    with pytest.raises(UserError, match="does not exist; run `synseg-data pack`"):
+        run_train(tiny(tmp_path / "none", tmp_path / "r"))
+    (tmp_path / "nolabels").mkdir()
+    with pytest.raises(UserError, match="no sizes.json"):
+        run_train(tiny(tmp_path / "nolabels", tmp_path / "r"))
+    with pytest.raises(UserError, match="unknown field optim.learning_rate"):
+        resolve("tiny", overrides=["optim.learning_rate=1"])
+    with pytest.raises(UserError, match="unknown preset"):
+        resolve("giant")
+    with pytest.raises(UserError, match="the loss is nan"):
+        run_train(
+            tiny(
+                shards,
+                tmp_path / "nan",
+                "optim.max_steps=5",
+                "optim.lr=1e38",
+                "optim.grad_clip=0",
+                "optim.name=sgd",
+                "optim.momentum=0",
+            )
+        )
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu(shards, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer.cli",
+        "run",
+        "--preset",
+        "tiny",
+        "--shards",
+        str(shards),
+        "--output",
+        str(out),
+        "--steps",
+        "3",
+        "--set",
+        "data.batch_size=4",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000003"]
+    assert len(losses(out)) == 3
+    saved = json.loads((out / "checkpoints/step-0000003/config.json").read_text())
+    assert saved["config"]["data"]["batch_size"] == 4

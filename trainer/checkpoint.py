@@ -1,0 +1,90 @@
+"""Checkpoints: trainable weights as safetensors, optimizer and step, the resolved config.
+
+    <run>/checkpoints/step-0000100/model.safetensors   FiLM + decoder + projector
+                                  /optimizer.pt        optimizer state, step, epoch
+                                  /config.json         resolved TrainConfig, model description,
+                                                       label cache identity
+    <run>/checkpoints/latest                           name of the newest complete checkpoint
+
+A checkpoint folder is written under a temporary name and renamed when complete, then
+``latest`` is updated atomically: a crash never leaves a half checkpoint behind ``latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path
+
+
+def save(run: Path, step: int, model, optimizer, epoch: int, config: dict, extra: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder = run / "checkpoints"
+    name = f"step-{step:07d}"
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, tmp / "optimizer.pt"
+    )
+    (tmp / "config.json").write_text(json.dumps({"config": config, **extra}, indent=2, default=str))
+    final = folder / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with atomic_path(folder / "latest") as t:
+        t.write_text(name + "\n")
+    return final
+
+
+def find(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder (its latest), a checkpoints folder or itself."""
+    p = Path(path)
+    for candidate in (p, p / "checkpoints"):
+        if (candidate / "latest").exists():
+            return candidate / (candidate / "latest").read_text().strip()
+    if (p / "model.safetensors").exists() and (p / "config.json").exists():
+        return p
+    raise UserError(
+        f"{path} is not a checkpoint (no model.safetensors + config.json, no checkpoints/latest)"
+    )
+
+
+def read_config(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{ckpt}/config.json cannot be read: {e}") from None
+
+
+def load_weights(model, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:
+        raise UserError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+    own = model.trainable_state_dict()
+    wrong = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
+    extra = [k for k in weights if k not in own]
+    if wrong or extra:
+        key = (wrong or extra)[0]
+        raise UserError(
+            f"checkpoint {ckpt} is for another architecture ({key} does not fit this model)"
+        )
+    model.load_state_dict(weights, strict=False)
+
+
+def load_optimizer(optimizer, ckpt: Path) -> tuple[int, int]:
+    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["epoch"]

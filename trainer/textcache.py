@@ -1,0 +1,92 @@
+"""Label text embeddings, computed once per phrase and backbone.
+
+The text tower is frozen, so a phrase's embedding never changes during training: it is
+encoded the first time it is seen and then read from memory. The cache is saved as
+``<folder>/<backbone id>.safetensors`` (embeddings) and ``.json`` (phrases, template), where the
+backbone id hashes the architecture and the text tower's weights: another backbone never
+reads this cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.fsutil import atomic_path
+
+
+def backbone_id(backbone) -> str:
+    """A hash of the text tower's weights (and the architecture's shapes)."""
+    h = hashlib.sha1()
+    for name, t in sorted(backbone.model.state_dict().items()):
+        if name.startswith("visual."):
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        flat = t.detach().float().flatten()
+        h.update(
+            flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes()
+        )  # a sample of values
+    return h.hexdigest()[:16]
+
+
+class LabelCache:
+    def __init__(self, backbone, template: str, folder: Path | None = None) -> None:
+        self.backbone, self.template = backbone, template
+        self.id = backbone_id(backbone)
+        self.folder = Path(folder) if folder else None
+        self.index: dict[str, int] = {}
+        self.table = torch.zeros(0, backbone.embed_dim)
+        self.encoded = 0  # phrases this process encoded (the rest came from disk)
+        if self.folder is not None:
+            self._load()
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.id}.safetensors"
+
+    def _load(self) -> None:
+        meta = self.path.with_suffix(".json")
+        if self.path.exists() and meta.exists():
+            from safetensors.torch import load_file
+
+            info = json.loads(meta.read_text())
+            if info.get("template") == self.template:
+                self.table = load_file(str(self.path))["embeddings"]
+                self.index = {p: i for i, p in enumerate(info["phrases"])}
+
+    def save(self) -> None:
+        if self.folder is None:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            save_file({"embeddings": self.table.contiguous()}, str(tmp))
+        phrases = sorted(self.index, key=self.index.get)
+        with atomic_path(self.path.with_suffix(".json")) as tmp:
+            tmp.write_text(
+                json.dumps({"backbone": self.id, "template": self.template, "phrases": phrases})
+            )
+
+    def identity(self) -> dict:
+        return {
+            "backbone": self.id,
+            "template": self.template,
+            "phrases": len(self.index),
+            "file": str(self.path) if self.folder else None,
+        }
+
+    def embed(self, phrases: list[str]) -> torch.Tensor:
+        """(len(phrases), d) embeddings; only phrases never seen are encoded."""
+        new = [p for p in dict.fromkeys(phrases) if p not in self.index]
+        if new:
+            emb = self.backbone.encode_text([self.template.format(p) for p in new]).cpu()
+            start = len(self.index)
+            self.index.update({p: start + i for i, p in enumerate(new)})
+            self.table = torch.cat([self.table, emb])
+            self.encoded += len(new)
+        return self.table[[self.index[p] for p in phrases]]
