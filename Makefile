@@ -33,6 +33,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/nouns.py
 	$(BIN)/python benchmarks/filter.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:  ## remove generated data (keeps the environment)
 	rm -rf data manifests/nouns manifests/labels

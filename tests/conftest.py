@@ -87,3 +87,14 @@ def shards(raw, labels) -> Path:
     out = raw.parent / "shards"
     run_pack(PackConfig(raw=raw, labels=labels, output=out, image_size=48, max_count=25))
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

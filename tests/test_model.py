@@ -86,3 +86,23 @@ def test_local_checkpoint_file(backbone, tmp_path):
     torch.testing.assert_close(loaded.visual_taps(x)[-1], backbone.visual_taps(x)[-1])
     with pytest.raises(UserError, match="does not exist"):
         FrozenCLIP("synseg-tiny", str(tmp_path / "missing.pt"), (1, 2, 3))
+
+
+def test_film_mlp_variant(backbone):
+    model = SynSeg(ModelConfig(**TINY, film_hidden=32), backbone)
+    assert isinstance(model.decoder.film_mul, torch.nn.Sequential)
+    out = model.forward_train(torch.rand(1, 3, 64, 64), torch.randn(1, 2, 64))
+    assert out.f.shape == (1, 2, 64)
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_on_gpu(backbone):
+    model = SynSeg(ModelConfig(**TINY)).cuda()
+    images, text = torch.rand(2, 3, 64, 64, device="cuda"), torch.randn(2, 2, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images, text)
+    loss = MCCLoss(LossConfig())(
+        out.f.float(), out.fbar.float(), text, torch.ones(2, 2, dtype=torch.bool, device="cuda")
+    )
+    loss["total"].backward()
+    assert torch.isfinite(loss["total"]) and out.logits.dtype == torch.bfloat16

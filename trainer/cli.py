@@ -84,7 +84,11 @@ def run(
             )
             bar.update(task, completed=step, total=total, info=info)
 
-        stats = run_train(cfg, resume=resume, on_step=on_step)
+        try:
+            stats = run_train(cfg, resume=resume, on_step=on_step)
+        except BaseException:
+            bar.update(task, visible=False)  # the error line says enough
+            raise
     if main:
         summary("train", stats, time.time() - t)
 

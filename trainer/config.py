@@ -165,7 +165,7 @@ def resolve(preset: str = "", files: list[Path] = (), overrides: list[str] = ())
             cursor = cursor.setdefault(p, {})
         cursor[parts[-1]] = _parse_value(value.strip())
         _merge(data, nested, "", problems)
-    cfg = None if problems else _build(TrainConfig, data, "", problems)
+    cfg = _build(TrainConfig, data, "", problems)  # unknown fields were skipped: check the rest too
     _check(cfg, problems)
     if problems:
         raise UserError("; ".join(problems))

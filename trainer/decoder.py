@@ -31,6 +31,7 @@ class DecoderConfig:
     patch_size: int = 16
     refined: bool = False  # CLIPSeg's "refined" upsampling (conv, two transposed convs)
     film_hidden: int = 0  # 0: linear FiLM (CLIPSeg); >0: an MLP with this hidden width
+    dropout: float = 0.1  # in the decoder blocks (nn.TransformerEncoderLayer's default, as CLIPSeg)
 
 
 def _film(cfg: DecoderConfig) -> nn.Module:
@@ -52,7 +53,9 @@ class CLIPSegDecoder(nn.Module):
         self.film_add = _film(cfg)
         self.reduces = nn.ModuleList(nn.Linear(cfg.width, r) for _ in range(cfg.depth))
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(r, cfg.heads, cfg.ffn_dim, batch_first=True)
+            nn.TransformerEncoderLayer(
+                r, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout, batch_first=True
+            )
             for _ in range(cfg.depth)
         )
         if cfg.refined:

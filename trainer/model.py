@@ -32,6 +32,7 @@ class ModelConfig:
     ffn_dim: int = 2048
     refined: bool = False  # CLIPSeg's refined upsampling
     film_hidden: int = 0  # 0: CLIPSeg's linear FiLM; >0: the paper's "small MLP" with this width
+    dropout: float = 0.1  # decoder blocks' dropout while training (CLIPSeg's)
     decoder_init: str | None = None  # CLIPSeg or Hugging Face CLIPSeg weights for the decoder
     normalise: str = "auto"  # clip, imagenet, or auto (imagenet for CLIPSeg weights, else clip)
     # The paper's projector reads the FiLM-conditioned features. Then the text embedding flows
@@ -76,6 +77,7 @@ class SynSeg(nn.Module):
                 patch_size=b.patch_size,
                 refined=cfg.refined,
                 film_hidden=cfg.film_hidden,
+                dropout=cfg.dropout,
             )
         )
         d = b.embed_dim
@@ -117,7 +119,7 @@ class SynSeg(nn.Module):
     def _project(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(P, 1 + hw, r) tokens -> (P, hw, d) projected patch features."""
         x = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (P, r, h, w)
-        return self.projector(x).flatten(2).transpose(1, 2)
+        return self.projector(x).flatten(2).transpose(1, 2)  # (P, hw, d)
 
     @staticmethod
     def pooled_maps(logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,10 @@ def run_train(
         start_step, start_epoch = checkpoint.load_optimizer(opt, ckpt_dir)
     net = model
     if env.world > 1:
+        # Convolution weights with a size-1 dimension (the 1x1 projector conv, the final
+        # transposed conv) get gradients whose strides differ from DDP's bucket views only
+        # along that dimension: the same memory layout, but DDP warns on every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
