@@ -107,6 +107,16 @@ def summary(title: str, stats: Any, seconds: float | None = None) -> None:
     out.print(table)
 
 
+def print_result(res: Any) -> None:
+    """A query result (title, columns, rows) as a Rich table."""
+    table = Table(title=res.title, title_justify="left")
+    for c in res.columns:
+        table.add_column(c)
+    for r in res.rows:
+        table.add_row(*("" if v is None else str(v) for v in r))
+    out.print(table)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -387,12 +397,7 @@ def inspect(
         w.writerow(res.columns)
         w.writerows(res.rows)
     else:
-        table = Table(title=res.title, title_justify="left")
-        for c in res.columns:
-            table.add_column(c)
-        for r in res.rows:
-            table.add_row(*("" if v is None else str(v) for v in r))
-        out.print(table)
+        print_result(res)
 
 
 @app.command()
@@ -413,12 +418,7 @@ def demo(
     )
     for report in ("top-labels", "drops-by-term"):
         res = run_inspect(InspectConfig(report=report, limit=10))
-        table = Table(title=res.title, title_justify="left")
-        for c in res.columns:
-            table.add_column(c)
-        for r in res.rows:
-            table.add_row(*(str(v) for v in r))
-        out.print(table)
+        print_result(res)
     out.print(
         f"done in {time.time() - t:.0f} s; training shards in data/shards, manifests in manifests/"
     )
