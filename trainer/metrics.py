@@ -65,7 +65,9 @@ class IoUAccumulator:
 
     def accuracy(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.label_area > 0, self.intersect / np.maximum(self.label_area, 1), np.nan)
+            return np.where(
+                self.label_area > 0, self.intersect / np.maximum(self.label_area, 1), np.nan
+            )
 
     def summary(self, names: list[str]) -> dict:
         iou, acc = self.iou(), self.accuracy()
@@ -76,7 +78,10 @@ class IoUAccumulator:
             "aAcc": float(self.intersect.sum() / total) if total else float("nan"),
             "images": self.images,
             "per_class": {
-                name: {"IoU": None if np.isnan(i) else float(i), "Acc": None if np.isnan(a) else float(a)}
+                name: {
+                    "IoU": None if np.isnan(i) else float(i),
+                    "Acc": None if np.isnan(a) else float(a),
+                }
                 for name, i, a in zip(names, iou, acc, strict=True)
             },
         }

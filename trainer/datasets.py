@@ -1,0 +1,221 @@
+"""Validation splits of the zero-shot benchmarks, read from MMSegmentation's on-disk layouts.
+
+| name    | --data-root (MMSegmentation's folder) | labels                                      |
+|---------|---------------------------------------|---------------------------------------------|
+| voc     | VOCdevkit/VOC2012                     | SegmentationClass/*.png, 0 = background     |
+| context | VOCdevkit/VOC2010                     | SegmentationClassContext/*.png, 0 ignored   |
+| object  | coco_stuff164k                        | annotations/val2017/*_instanceTrainIds.png  |
+| stuff   | coco_stuff164k                        | annotations/val2017/*_labelTrainIds.png     |
+| city    | cityscapes                            | gtFine/val/*/*_gtFine_labelTrainIds.png     |
+| ade     | ADEChallengeData2016                  | annotations/validation/*.png, 0 ignored     |
+| world   | the synthetic world's folder          | VOC2012/SegmentationClass/*.png             |
+
+Class names are data: ``trainer/classnames/<name>.txt`` (one class a line, in label order,
+", " between synonyms); the world reads its own ``classes.txt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import UserError
+
+CLASSNAMES = Path(__file__).parent / "classnames"
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int  # label values 0..num_classes-1 after reduce_zero_label
+    background: bool  # class 0 is "background" (scored by a threshold, not a prompt)
+    reduce_zero_label: bool
+    layout: str  # what --data-root must hold, for the error message
+    list_samples: Callable[[Path], list[Sample]]
+
+
+def _voc_like(images: str, labels: str, split: str) -> Callable[[Path], list[Sample]]:
+    def find(root: Path) -> list[Sample]:
+        ids = (root / split).read_text().split()
+        return [Sample(i, root / images / f"{i}.jpg", root / labels / f"{i}.png") for i in ids]
+
+    return find
+
+
+def _suffix_pairs(
+    images: str, labels: str, suffix: str, img_suffix: str = ".jpg", nested: bool = False
+):
+    def find(root: Path) -> list[Sample]:
+        pattern = f"*/*{suffix}" if nested else f"*{suffix}"
+        out = []
+        for lab in sorted((root / labels).glob(pattern)):
+            stem = lab.name[: -len(suffix)]
+            sub = lab.parent.name if nested else ""
+            out.append(Sample(stem, root / images / sub / f"{stem}{img_suffix}", lab))
+        return out
+
+    return find
+
+
+SPECS = {
+    "voc": DatasetSpec(
+        "voc",
+        21,
+        True,
+        False,
+        "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
+        _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
+    ),
+    "context": DatasetSpec(
+        "context",
+        59,
+        False,
+        True,
+        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
+        _voc_like(
+            "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
+        ),
+    ),
+    "object": DatasetSpec(
+        "object",
+        81,
+        True,
+        False,
+        "images/val2017/*.jpg, annotations/val2017/*_instanceTrainIds.png",
+        _suffix_pairs("images/val2017", "annotations/val2017", "_instanceTrainIds.png"),
+    ),
+    "stuff": DatasetSpec(
+        "stuff",
+        171,
+        False,
+        False,
+        "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png",
+        _suffix_pairs("images/val2017", "annotations/val2017", "_labelTrainIds.png"),
+    ),
+    "city": DatasetSpec(
+        "city",
+        19,
+        False,
+        False,
+        "leftImg8bit/val/CITY/*_leftImg8bit.png, gtFine/val/CITY/*_gtFine_labelTrainIds.png",
+        _suffix_pairs(
+            "leftImg8bit/val",
+            "gtFine/val",
+            "_gtFine_labelTrainIds.png",
+            "_leftImg8bit.png",
+            nested=True,
+        ),
+    ),
+    "ade": DatasetSpec(
+        "ade",
+        150,
+        False,
+        True,
+        "images/validation/*.jpg, annotations/validation/*.png",
+        _suffix_pairs("images/validation", "annotations/validation", ".png"),
+    ),
+    "world": DatasetSpec(
+        "world",
+        0,
+        False,
+        False,
+        "classes.txt, VOC2012/JPEGImages/, VOC2012/SegmentationClass/, "
+        "VOC2012/ImageSets/Segmentation/val.txt (made by `synseg-data world`)",
+        lambda root: _voc_like(
+            "VOC2012/JPEGImages",
+            "VOC2012/SegmentationClass",
+            "VOC2012/ImageSets/Segmentation/val.txt",
+        )(root),
+    ),
+}
+
+
+def read_classnames(path: Path) -> list[list[str]]:
+    """One class a line (``#`` comments skipped); ", " separates synonyms."""
+    if not Path(path).is_file():
+        raise UserError(f"class file {path} does not exist")
+    classes = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            classes.append([n.strip() for n in line.split(",") if n.strip()])
+    if not classes:
+        raise UserError(f"class file {path} lists no classes")
+    return classes
+
+
+@dataclass
+class Dataset:
+    spec: DatasetSpec
+    root: Path
+    classes: list[list[str]]  # names (with synonyms) of each label value
+    samples: list[Sample]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, sample: Sample) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and its label map (reduce_zero_label applied)."""
+        from trainer.metrics import reduce_zero_label
+
+        try:
+            image = Image.open(sample.image).convert("RGB")
+            label = np.asarray(Image.open(sample.label))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {sample.image.name} / {sample.label.name}: {e}") from None
+        if label.ndim != 2:
+            raise UserError(f"label {sample.label} is not a single-channel class map")
+        if self.spec.reduce_zero_label:
+            label = reduce_zero_label(label)
+        bad = (label != 255) & (label >= self.num_classes)
+        if bad.any():
+            raise UserError(
+                f"label value {int(label[bad].max())} in {sample.label.name} is outside the "
+                f"{self.num_classes} classes of the class file; wrong --classes for {self.spec.name}?"
+            )
+        return image, label
+
+
+def open_dataset(
+    name: str, root: str | Path, classes: str | Path | None = None, limit: int = 0
+) -> Dataset:
+    if name not in SPECS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(SPECS)}")
+    spec, root = SPECS[name], Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist")
+    try:
+        samples = spec.list_samples(root)
+    except FileNotFoundError:
+        samples = []
+    samples = [s for s in samples if s.label.exists()]
+    if not samples:
+        raise UserError(
+            f"{root} does not hold {name} in MMSegmentation's layout: expected {spec.layout}"
+        )
+    missing = [s for s in samples if not s.image.exists()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of {name} are missing, e.g. {missing[0].image}")
+    if classes is None:
+        classes = root / "classes.txt" if name == "world" else CLASSNAMES / f"{name}.txt"
+    names = read_classnames(Path(classes))
+    expected = spec.num_classes or len(names)
+    if len(names) != expected:
+        raise UserError(
+            f"class file {classes} has {len(names)} classes; {name} labels have {expected}"
+        )
+    if limit:
+        samples = samples[:limit]
+    return Dataset(spec, root, names, samples)
