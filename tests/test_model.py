@@ -106,3 +106,23 @@ def test_bf16_training_step_on_gpu(backbone):
     )
     loss["total"].backward()
     assert torch.isfinite(loss["total"]) and out.logits.dtype == torch.bfloat16
+
+
+def test_random_backbone_is_rebuilt_identically_from_its_seed():
+    # checkpoints hold only the trainable part: a random frozen backbone must come back the same
+    torch.manual_seed(123)
+    a = FrozenCLIP("synseg-tiny", None, (1, 2, 3), init_seed=0)
+    torch.manual_seed(456)
+    b = FrozenCLIP("synseg-tiny", None, (1, 2, 3), init_seed=0)
+    c = FrozenCLIP("synseg-tiny", None, (1, 2, 3), init_seed=1)
+    for (k, va), vb, vc in zip(
+        a.model.state_dict().items(),
+        b.model.state_dict().values(),
+        c.model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(va, vb), k
+    assert not all(
+        torch.equal(x, y)
+        for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values(), strict=True)
+    )

@@ -45,7 +45,9 @@ def list_architectures() -> list[str]:
 class FrozenCLIP(nn.Module):
     """An open_clip model with every parameter frozen and always in eval mode."""
 
-    def __init__(self, arch: str, pretrained: str | None, taps: tuple[int, ...]) -> None:
+    def __init__(
+        self, arch: str, pretrained: str | None, taps: tuple[int, ...], init_seed: int = 0
+    ) -> None:
         super().__init__()
         oc = open_clip()
         if arch not in oc.list_models():
@@ -55,7 +57,11 @@ class FrozenCLIP(nn.Module):
         if pretrained and os.sep in pretrained and not Path(pretrained).is_file():
             raise UserError(f"checkpoint file {pretrained} does not exist")
         try:
-            model = oc.create_model(arch, pretrained=pretrained or None)
+            # Random weights (no ``pretrained``) come from ``init_seed``: checkpoints hold only
+            # the trainable part, so the frozen towers must be rebuilt identically at load time.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                model = oc.create_model(arch, pretrained=pretrained or None)
         except RuntimeError as e:  # open_clip's words for an unknown tag or a failed download
             raise UserError(
                 f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}"

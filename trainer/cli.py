@@ -93,6 +93,80 @@ def run(
         summary("train", stats, time.time() - t)
 
 
+@app.command("eval")
+@handle_errors
+def eval_(
+    dataset: Annotated[str, typer.Option(help="voc, context, object, stuff, city, ade or world")],
+    data_root: Annotated[str, typer.Option(help="The dataset's folder (MMSegmentation's layout)")],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Run or checkpoint folder (none: an untrained model)")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="Untrained model's settings when no --checkpoint")
+    ] = "tiny",
+    decoder_init: Annotated[
+        str | None, typer.Option(help="Untrained model's decoder weights (CLIPSeg/HF)")
+    ] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
+    ] = None,
+    templates: Annotated[
+        str, typer.Option(help="Prompt templates: single, clip7 or a file")
+    ] = "single",
+    limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
+    mode: Annotated[str, typer.Option(help="slide or whole")] = "slide",
+    short_side: Annotated[
+        int, typer.Option(help="Resize short side to this (0: 448; world: training size)")
+    ] = 0,
+    window: Annotated[int, typer.Option(help="Sliding window (0: the short side)")] = 0,
+    stride: Annotated[int, typer.Option(help="Sliding stride (0: half the window)")] = 0,
+    bg_threshold: Annotated[
+        float, typer.Option(help="Background below this activation (VOC, Object)")
+    ] = 0.5,
+    output: Annotated[
+        str | None,
+        typer.Option(help="Folder for the result files (default: beside the checkpoint)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Zero-shot mIoU on a benchmark's validation split (MMSegmentation's metric)."""
+    from rich.table import Table
+
+    from pipeline.cli import out, progress
+    from trainer.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        dataset=dataset,
+        data_root=data_root,
+        checkpoint=checkpoint,
+        preset=preset,
+        decoder_init=decoder_init,
+        classes=classes,
+        templates=templates,
+        limit=limit,
+        mode=mode,
+        short_side=short_side,
+        window=window,
+        stride=stride,
+        bg_threshold=bg_threshold,
+        output=output,
+        device=device,
+    )
+    with progress(f"evaluating {dataset}", "images") as (total, advance, _):
+        res = run_eval(cfg, on_start=total, on_advance=advance)
+    table = Table(title=f"{dataset}, per class (%)", title_justify="left")
+    for col in ("class", "IoU", "Acc"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, v in res.per_class.items():
+        table.add_row(name, *("-" if v[k] is None else f"{100 * v[k]:.1f}" for k in ("IoU", "Acc")))
+    out.print(table)
+    out.print(
+        f"{dataset}: mIoU {100 * res.mIoU:.1f}  mAcc {100 * res.mAcc:.1f}  aAcc {100 * res.aAcc:.1f}  "
+        f"({res.images} images, {res.images_per_second:.1f} images/s)"
+    )
+    out.print(f"written: {', '.join(res.files)}")
+
+
 def main() -> None:
     try:
         app()

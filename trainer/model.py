@@ -27,6 +27,7 @@ class ModelConfig:
     arch: str = "ViT-B-16-quickgelu"  # open_clip architecture (OpenAI weights need QuickGELU)
     pretrained: str | None = "openai"  # open_clip tag, a local checkpoint file, or None (random)
     taps: tuple[int, ...] = (3, 6, 9)  # visual blocks the decoder reads (0-based), CLS kept
+    init_seed: int = 0  # seed of the backbone's weights when ``pretrained`` is None (random)
     reduce_dim: int = 64
     heads: int = 4
     ffn_dim: int = 2048
@@ -64,7 +65,7 @@ class SynSeg(nn.Module):
     def __init__(self, cfg: ModelConfig, backbone: FrozenCLIP | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone or FrozenCLIP(cfg.arch, cfg.pretrained, cfg.taps)
+        self.backbone = backbone or FrozenCLIP(cfg.arch, cfg.pretrained, cfg.taps, cfg.init_seed)
         b = self.backbone
         self.decoder = CLIPSegDecoder(
             DecoderConfig(

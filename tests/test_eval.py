@@ -1,0 +1,197 @@
+"""Inference logic with a model whose outputs are known, and eval on the world from the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.errors import UserError
+from trainer.cli import app
+from trainer.infer import InferConfig, Segmenter, read_templates
+
+
+class _Backbone:
+    patch_size = 8
+
+    def encode_text(self, texts):
+        # embedding = a one-hot of the prompt's class name (text after the template's prefix)
+        names = ["cat", "kitty", "dog", "sky"]
+        return torch.stack([torch.eye(4)[[n in t for n in names].index(True)] for t in texts])
+
+
+class _Model(torch.nn.Module):
+    """Class 'cat'/'kitty' left half, 'dog' right half, 'sky' nowhere; plus a positional ramp."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _Backbone()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def segment(self, images, classes, chunk=256):
+        self.calls.append(images.shape)
+        B, _, H, W = images.shape
+        out = torch.full((B, classes.shape[0], H, W), -5.0)
+        for k, e in enumerate(classes):
+            which = int(e.argmax())
+            if which in (0, 1):
+                out[:, k, :, : W // 2] = 5.0 if which == 0 else 3.0
+            elif which == 2:
+                out[:, k, :, W // 2 :] = 5.0
+        return out
+
+
+def test_synonyms_take_the_best_name_and_slide_covers_the_image():
+    model = _Model()
+    seg = Segmenter(
+        model,
+        [["cat", "kitty"], ["dog"], ["sky"]],
+        ["a photo of a {}."],
+        InferConfig(short_side=16, window=16, stride=8),
+    )
+    logits = seg.class_logits(Image.new("RGB", (32, 16)), (16, 32))
+    assert logits.shape == (3, 16, 32)
+    # the image is 16 x 32: three 16x16 windows at x = 0, 8, 16 (one backbone batch)
+    assert model.calls == [(3, 3, 16, 16)]
+    assert torch.allclose(logits[0, :, 0], torch.tensor(5.0))  # 'cat' beats 'kitty'
+    pred, act = seg.predict(Image.new("RGB", (32, 16)), (16, 32))
+    assert pred[:, :4].tolist() == [[0] * 4] * 16 and pred[:, -4:].tolist() == [[1] * 4] * 16
+
+
+def test_background_threshold():
+    seg = Segmenter(
+        _Model(),
+        [["background"], ["cat"], ["sky"]],
+        ["{}"],
+        InferConfig(mode="whole", short_side=16, bg_threshold=0.5),
+        background=True,
+    )
+    pred, _ = seg.predict(Image.new("RGB", (16, 16)), (16, 16))
+    # left half: cat (label 1); right half: no class above 0.5 -> background 0
+    assert (pred[:, :6] == 1).all() and (pred[:, 10:] == 0).all()
+
+
+def test_templates_and_settings_errors(tmp_path):
+    assert read_templates("clip7")[0] == "itap of a {}."
+    bad = tmp_path / "t.txt"
+    bad.write_text("a photo\n")
+    with pytest.raises(UserError, match="needs \\{\\}"):
+        read_templates(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        read_templates("nope")
+    with pytest.raises(UserError, match="--stride"):
+        InferConfig(stride=500)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shards, tmp_path_factory):
+    from trainer.config import resolve
+    from trainer.train import run_train
+
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    run_train(
+        resolve(
+            "tiny",
+            overrides=[
+                f"data.shards={shards}",
+                f"run.output={out}",
+                "optim.max_steps=2",
+                "data.batch_size=8",
+            ],
+        )
+    )
+    return out
+
+
+def test_eval_on_the_world_from_the_command_line(world, checkpoint):
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "world",
+            "--data-root",
+            str(world),
+            "--checkpoint",
+            str(checkpoint),
+            "--limit",
+            "6",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "world: mIoU" in result.stdout
+    ckpt = checkpoint / "checkpoints" / "step-0000002"
+    record = json.loads((ckpt / "eval-world.json").read_text())
+    assert record["images"] == 6 and len(record["per_class"]) == 10
+    assert 0 <= record["mIoU"] <= 1
+    s = record["settings"]
+    assert s["inference"] == {
+        "mode": "slide",
+        "short_side": 64,
+        "window": 64,
+        "stride": 32,
+        "bg_threshold": 0.5,
+        "chunk": 256,
+    }
+    assert s["templates_used"] == ["a photo of a {}."] and s["normalisation"] == "clip"
+    md = (ckpt / "eval-world.md").read_text()
+    assert "| grass |" in md and f"{100 * record['mIoU']:.1f}" in md
+
+
+def test_eval_of_an_untrained_model_and_errors(world, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "world",
+            "--data-root",
+            str(world),
+            "--limit",
+            "3",
+            "--output",
+            str(tmp_path),
+            "--mode",
+            "whole",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "eval-world.json").read_text())["settings"]["checkpoint"] is None
+    bad = runner.invoke(app, ["eval", "--dataset", "voc", "--data-root", str(world)])
+    assert bad.exit_code == 1 and "expected JPEGImages/" in bad.stderr
+    bad = runner.invoke(
+        app,
+        ["eval", "--dataset", "world", "--data-root", str(world), "--checkpoint", str(tmp_path)],
+    )
+    assert bad.exit_code == 1 and "is not a checkpoint" in bad.stderr
+
+
+def test_metric_matches_a_manual_count_on_the_world(world, checkpoint):
+    """The eval loop feeds the metric what the segmenter predicts, image by image."""
+    from trainer.datasets import open_dataset
+    from trainer.evaluate import EvalConfig, run_eval
+    from trainer.train import load_model
+
+    res = run_eval(
+        EvalConfig(dataset="world", data_root=str(world), checkpoint=str(checkpoint), limit=4)
+    )
+    model, _ = load_model(checkpoint)
+    data = open_dataset("world", world, limit=4)
+    seg = Segmenter(
+        model, data.classes, ["a photo of a {}."], InferConfig(short_side=64, window=64, stride=32)
+    )
+    inter = np.zeros(10)
+    union = np.zeros(10)
+    for s in data.samples:
+        img, lab = data.load(s)
+        pred, _ = seg.predict(img, lab.shape)
+        keep = lab != 255
+        for c in range(10):
+            inter[c] += np.sum((pred == c) & (lab == c) & keep)
+            union[c] += np.sum(((pred == c) | (lab == c)) & keep)
+    iou = inter[union > 0] / union[union > 0]
+    assert res.mIoU == pytest.approx(iou.mean())

@@ -1,0 +1,181 @@
+"""eval: zero-shot mIoU of a checkpoint (or of an untrained model) on a validation split.
+
+The result, with every setting that produced it, goes to ``eval-<dataset>.json`` and
+``eval-<dataset>.md`` beside the checkpoint (``--output`` for an untrained model).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path, write_json
+from trainer.datasets import open_dataset
+from trainer.infer import InferConfig, Segmenter, read_templates
+from trainer.metrics import IoUAccumulator
+
+
+@dataclass
+class EvalConfig:
+    dataset: str
+    data_root: str
+    checkpoint: str | None = None  # a run or checkpoint folder; None: an untrained model
+    preset: str = "tiny"  # the untrained model's settings (no checkpoint)
+    decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
+    classes: str | None = None  # class file (default: trainer/classnames/<dataset>.txt)
+    templates: str = "single"  # prompt templates: a name in trainer/templates or a file
+    limit: int = 0  # evaluate only the first N images (0: all)
+    mode: str = "slide"
+    short_side: int = 0  # 0: 448, or the model's training size on the world
+    window: int = 0  # 0: the short side
+    stride: int = 0  # 0: half the window
+    bg_threshold: float = 0.5
+    output: str | None = None  # where results go (default: beside the checkpoint)
+    device: str = "auto"
+    seed: int = 0  # fresh decoder weights of an untrained model
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    mIoU: float
+    mAcc: float
+    aAcc: float
+    images: int
+    images_per_second: float
+    files: list[str] = field(default_factory=list)
+    per_class: dict = field(default_factory=dict)
+
+
+def _model(cfg: EvalConfig, device: torch.device):
+    from trainer.config import resolve
+    from trainer.model import SynSeg
+    from trainer.train import load_model
+
+    if cfg.checkpoint:
+        from trainer.checkpoint import find
+
+        model, train_cfg = load_model(cfg.checkpoint, device)
+        return model, train_cfg, find(cfg.checkpoint)
+    overrides = [f"model.decoder_init={cfg.decoder_init}"] if cfg.decoder_init else []
+    train_cfg = resolve(cfg.preset, overrides=overrides)
+    torch.manual_seed(cfg.seed)
+    return SynSeg(train_cfg.model).to(device).eval(), train_cfg, None
+
+
+def run_eval(
+    cfg: EvalConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> EvalResult:
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if cfg.device == "auto"
+        else cfg.device
+    )
+    data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
+    templates = read_templates(cfg.templates)
+    model, train_cfg, ckpt = _model(cfg, device)
+    short = cfg.short_side or (train_cfg.data.image_size if cfg.dataset == "world" else 448)
+    window = cfg.window or short
+    infer = InferConfig(
+        mode=cfg.mode,
+        short_side=short,
+        window=window,
+        stride=cfg.stride or max(1, window // 2),
+        bg_threshold=cfg.bg_threshold,
+    )
+    seg = Segmenter(model, data.classes, templates, infer, background=data.spec.background)
+    acc = IoUAccumulator(data.num_classes)
+    if on_start:
+        on_start(len(data.samples))
+    t = time.time()
+    for sample in data.samples:
+        image, label = data.load(sample)
+        pred, _ = seg.predict(image, label.shape)
+        acc.add(pred, label)
+        if on_advance:
+            on_advance(1)
+    rate = len(data.samples) / max(time.time() - t, 1e-9)
+    names = [n[0] for n in data.classes]
+    summary = acc.summary(names)
+
+    out = Path(cfg.output) if cfg.output else (ckpt if ckpt is not None else Path("runs/untrained"))
+    settings = {
+        **asdict(cfg),
+        "inference": asdict(infer),
+        "templates_used": templates,
+        "checkpoint_folder": str(ckpt) if ckpt else None,
+        "model": train_cfg.model.__dict__ | {"taps": list(train_cfg.model.taps)},
+        "normalisation": model.normalisation,
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    record = {"dataset": cfg.dataset, **summary, "images_per_second": rate, "settings": settings}
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"eval-{cfg.dataset}.json", out / f"eval-{cfg.dataset}.md"
+    write_json(json_path, record)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown(record))
+    return EvalResult(
+        cfg.dataset,
+        summary["mIoU"],
+        summary["mAcc"],
+        summary["aAcc"],
+        summary["images"],
+        rate,
+        [str(json_path), str(md_path)],
+        summary["per_class"],
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def markdown(record: dict) -> str:
+    s = record["settings"]
+    lines = [
+        f"# Zero-shot segmentation: {record['dataset']}",
+        "",
+        f"mIoU **{_pct(record['mIoU'])}**, mAcc {_pct(record['mAcc'])}, aAcc {_pct(record['aAcc'])} "
+        f"on {record['images']} images ({record['images_per_second']:.1f} images/s on {s['device']}).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in (
+        "checkpoint",
+        "checkpoint_folder",
+        "preset",
+        "decoder_init",
+        "data_root",
+        "classes",
+        "templates",
+        "limit",
+        "bg_threshold",
+        "normalisation",
+    ):
+        lines.append(f"| {key} | {s.get(key)} |")
+    for key, value in s["inference"].items():
+        lines.append(f"| inference.{key} | {value} |")
+    lines.append(f"| prompts | {'; '.join(s['templates_used'])} |")
+    lines += ["", "| class | IoU | Acc |", "|---|---|---|"]
+    for name, v in record["per_class"].items():
+        lines.append(f"| {name} | {_pct(v['IoU'])} | {_pct(v['Acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_result(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
