@@ -195,3 +195,52 @@ def test_metric_matches_a_manual_count_on_the_world(world, checkpoint):
             union[c] += np.sum(((pred == c) | (lab == c)) & keep)
     iou = inter[union > 0] / union[union > 0]
     assert res.mIoU == pytest.approx(iou.mean())
+
+
+def test_segment_writes_an_overlay_and_one_map_per_class(world, checkpoint, tmp_path):
+    img = world / "VOC2012" / "JPEGImages" / "val_000000.jpg"
+    result = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            str(img),
+            "--classes",
+            "grass, ball,sea water",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(tmp_path),
+            "--threshold",
+            "0.3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "val_000000_ball.png",
+        "val_000000_grass.png",
+        "val_000000_overlay.png",
+        "val_000000_sea_water.png",
+    ]
+    size = Image.open(img).size
+    assert Image.open(tmp_path / "val_000000_grass.png").size == size
+    overlay = Image.open(tmp_path / "val_000000_overlay.png")
+    assert overlay.height >= size[1] and overlay.width > size[0]  # the legend sits beside the image
+    bad = CliRunner().invoke(app, ["segment", str(tmp_path / "missing.jpg"), "--classes", "a"])
+    assert bad.exit_code == 1 and "cannot read image" in bad.stderr
+
+
+def test_activation_map_outlines_the_thresholded_region():
+    from trainer.visualize import activation_map, overlay
+
+    act = np.zeros((2, 100, 100))
+    act[0, 40:70, 40:70] = 0.9
+    act[1, :, :] = 0.2
+    img = Image.new("RGB", (100, 100), "gray")
+    m = np.asarray(activation_map(img, act[0], "cat", 0.5))
+    white = (m == 255).all(-1)
+    assert white[40:70, 69].all() and white[40:70, 39].all()  # the region's outline
+    assert not white[45:65, 45:65].any() and not white[80:, 80:].any()
+    o = np.asarray(overlay(img, act, ["cat", "dog"], 0.5))
+    assert (o[55, 55] != o[90, 10]).any()  # the cat square is tinted, the rest (dog at 0.2) is not
+    assert (o[90, 10] == 128).all()

@@ -167,6 +167,83 @@ def eval_(
     out.print(f"written: {', '.join(res.files)}")
 
 
+@app.command()
+@handle_errors
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="Image files")],
+    classes: Annotated[str, typer.Option(help='Class names, comma-separated: "cat,dog,grass"')],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Run or checkpoint folder (none: an untrained model)")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="Untrained model's settings when no --checkpoint")
+    ] = "tiny",
+    decoder_init: Annotated[
+        str | None, typer.Option(help="Untrained model's decoder weights (CLIPSeg/HF)")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for the pictures")] = Path("segments"),
+    threshold: Annotated[
+        float, typer.Option(help="Activation a pixel needs to be shown as a class")
+    ] = 0.5,
+    templates: Annotated[
+        str, typer.Option(help="Prompt templates: single, clip7 or a file")
+    ] = "single",
+    short_side: Annotated[
+        int, typer.Option(help="Resize short side to this (0: the model's training size)")
+    ] = 0,
+    mode: Annotated[str, typer.Option(help="slide or whole")] = "whole",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Write an overlay with a legend and one activation map per class for each image."""
+    import torch
+    from PIL import Image
+
+    from pipeline.cli import out
+    from trainer.evaluate import EvalConfig, _model
+    from trainer.infer import InferConfig, Segmenter, read_templates
+    from trainer.visualize import write_pictures
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if not names:
+        raise UserError("--classes needs at least one class name")
+    if not 0 <= threshold <= 1:
+        raise UserError("--threshold must be in [0, 1]")
+    loaded = []
+    for path in images:
+        try:
+            loaded.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if device == "auto"
+        else device
+    )
+    model, train_cfg, _ = _model(
+        EvalConfig(
+            dataset="",
+            data_root="",
+            checkpoint=checkpoint,
+            preset=preset,
+            decoder_init=decoder_init,
+        ),
+        dev,
+    )
+    short = short_side or train_cfg.data.image_size
+    seg = Segmenter(
+        model,
+        [[n] for n in names],
+        read_templates(templates),
+        InferConfig(mode=mode, short_side=short, window=short, stride=max(1, short // 2)),
+    )
+    for path, img in zip(images, loaded, strict=True):
+        _, act = seg.predict(img, (img.height, img.width))
+        written = write_pictures(img, act.cpu().numpy(), names, threshold, output, Path(path).stem)
+        out.print(f"{path}: {', '.join(str(p) for p in written)}")
+
+
 def main() -> None:
     try:
         app()
