@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/nouns.py
 	$(BIN)/python benchmarks/filter.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/infer.py
 
 clean:  ## remove generated data (keeps the environment)
 	rm -rf data manifests/nouns manifests/labels

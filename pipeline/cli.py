@@ -21,6 +21,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -58,6 +59,13 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second, from Rich's own moving estimate."""
+
+    def render(self, task) -> str:
+        return f"{task.speed:.1f}/s" if task.speed else ""
+
+
 @contextlib.contextmanager
 def progress(description: str, unit: str = "") -> Iterator[tuple[Callable, Callable, Callable]]:
     """Yield (set_total, advance, set_done) callbacks driving one Rich progress bar."""
@@ -67,6 +75,7 @@ def progress(description: str, unit: str = "") -> Iterator[tuple[Callable, Calla
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
+        _RateColumn(),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=err, transient=False) as bar:
