@@ -25,6 +25,18 @@ app = typer.Typer(
 )
 
 
+# Options that eval and segment share.
+CheckpointOpt = Annotated[
+    str | None, typer.Option(help="Run or checkpoint folder (none: an untrained model)")
+]
+PresetOpt = Annotated[str, typer.Option(help="Untrained model's settings when no --checkpoint")]
+DecoderInitOpt = Annotated[
+    str | None, typer.Option(help="Untrained model's decoder weights (CLIPSeg/HF)")
+]
+TemplatesOpt = Annotated[str, typer.Option(help="Prompt templates: single, clip7 or a file")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+
+
 @app.callback()
 def _group() -> None:
     """SynSeg trainer: MCCL training on packed shards."""
@@ -98,21 +110,13 @@ def run(
 def eval_(
     dataset: Annotated[str, typer.Option(help="voc, context, object, stuff, city, ade or world")],
     data_root: Annotated[str, typer.Option(help="The dataset's folder (MMSegmentation's layout)")],
-    checkpoint: Annotated[
-        str | None, typer.Option(help="Run or checkpoint folder (none: an untrained model)")
-    ] = None,
-    preset: Annotated[
-        str, typer.Option(help="Untrained model's settings when no --checkpoint")
-    ] = "tiny",
-    decoder_init: Annotated[
-        str | None, typer.Option(help="Untrained model's decoder weights (CLIPSeg/HF)")
-    ] = None,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = "tiny",
+    decoder_init: DecoderInitOpt = None,
     classes: Annotated[
         str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
     ] = None,
-    templates: Annotated[
-        str, typer.Option(help="Prompt templates: single, clip7 or a file")
-    ] = "single",
+    templates: TemplatesOpt = "single",
     limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
     mode: Annotated[str, typer.Option(help="slide or whole")] = "slide",
     short_side: Annotated[
@@ -127,7 +131,7 @@ def eval_(
         str | None,
         typer.Option(help="Folder for the result files (default: beside the checkpoint)"),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Zero-shot mIoU on a benchmark's validation split (MMSegmentation's metric)."""
     from rich.table import Table
@@ -172,34 +176,25 @@ def eval_(
 def segment(
     images: Annotated[list[Path], typer.Argument(help="Image files")],
     classes: Annotated[str, typer.Option(help='Class names, comma-separated: "cat,dog,grass"')],
-    checkpoint: Annotated[
-        str | None, typer.Option(help="Run or checkpoint folder (none: an untrained model)")
-    ] = None,
-    preset: Annotated[
-        str, typer.Option(help="Untrained model's settings when no --checkpoint")
-    ] = "tiny",
-    decoder_init: Annotated[
-        str | None, typer.Option(help="Untrained model's decoder weights (CLIPSeg/HF)")
-    ] = None,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = "tiny",
+    decoder_init: DecoderInitOpt = None,
     output: Annotated[Path, typer.Option(help="Folder for the pictures")] = Path("segments"),
     threshold: Annotated[
         float, typer.Option(help="Activation a pixel needs to be shown as a class")
     ] = 0.5,
-    templates: Annotated[
-        str, typer.Option(help="Prompt templates: single, clip7 or a file")
-    ] = "single",
+    templates: TemplatesOpt = "single",
     short_side: Annotated[
         int, typer.Option(help="Resize short side to this (0: the model's training size)")
     ] = 0,
     mode: Annotated[str, typer.Option(help="slide or whole")] = "whole",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write an overlay with a legend and one activation map per class for each image."""
-    import torch
     from PIL import Image
 
     from pipeline.cli import out
-    from trainer.evaluate import EvalConfig, _model
+    from trainer.evaluate import build_model, resolve_device
     from trainer.infer import InferConfig, Segmenter, read_templates
     from trainer.visualize import write_pictures
 
@@ -214,23 +209,7 @@ def segment(
             loaded.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if device == "auto"
-        else device
-    )
-    model, train_cfg, _ = _model(
-        EvalConfig(
-            dataset="",
-            data_root="",
-            checkpoint=checkpoint,
-            preset=preset,
-            decoder_init=decoder_init,
-        ),
-        dev,
-    )
+    model, train_cfg, _ = build_model(checkpoint, preset, decoder_init, resolve_device(device))
     short = short_side or train_cfg.data.image_size
     seg = Segmenter(
         model,

@@ -53,19 +53,33 @@ class EvalResult:
     per_class: dict = field(default_factory=dict)
 
 
-def _model(cfg: EvalConfig, device: torch.device):
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(
+    checkpoint: str | None,
+    preset: str,
+    decoder_init: str | None,
+    device: torch.device,
+    seed: int = 0,
+):
+    """(model, its training config, checkpoint folder): a trained model, or an untrained one
+    from a preset (a fresh decoder, or ``decoder_init``'s CLIPSeg weights) when no checkpoint."""
     from trainer.config import resolve
     from trainer.model import SynSeg
     from trainer.train import load_model
 
-    if cfg.checkpoint:
+    if checkpoint:
         from trainer.checkpoint import find
 
-        model, train_cfg = load_model(cfg.checkpoint, device)
-        return model, train_cfg, find(cfg.checkpoint)
-    overrides = [f"model.decoder_init={cfg.decoder_init}"] if cfg.decoder_init else []
-    train_cfg = resolve(cfg.preset, overrides=overrides)
-    torch.manual_seed(cfg.seed)
+        model, train_cfg = load_model(checkpoint, device)
+        return model, train_cfg, find(checkpoint)
+    overrides = [f"model.decoder_init={decoder_init}"] if decoder_init else []
+    train_cfg = resolve(preset, overrides=overrides)
+    torch.manual_seed(seed)
     return SynSeg(train_cfg.model).to(device).eval(), train_cfg, None
 
 
@@ -74,16 +88,12 @@ def run_eval(
     on_start: Callable[[int], None] | None = None,
     on_advance: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if cfg.device == "auto"
-        else cfg.device
-    )
+    device = resolve_device(cfg.device)
     data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
     templates = read_templates(cfg.templates)
-    model, train_cfg, ckpt = _model(cfg, device)
+    model, train_cfg, ckpt = build_model(
+        cfg.checkpoint, cfg.preset, cfg.decoder_init, device, cfg.seed
+    )
     short = cfg.short_side or (train_cfg.data.image_size if cfg.dataset == "world" else 448)
     window = cfg.window or short
     infer = InferConfig(
