@@ -53,7 +53,7 @@ def _worker() -> tuple[int, int]:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches of (images (B, 3, S, S) in [0, 1], labels list[list[str]], bad count)."""
+    """Batches: images (B, 3, S, S) in [0, 1], labels list[list[str]], captions, bad count."""
 
     def __init__(
         self,
@@ -104,9 +104,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, list[str]] | None:
+    def _decode(
+        self, sample: dict, rng: random.Random
+    ) -> tuple[torch.Tensor, list[str], str] | None:
         try:
-            labels = json.loads(sample["json"])["labels"]
+            meta = json.loads(sample["json"])
+            labels, caption = meta["labels"], meta.get("caption", "")
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except Exception:  # a corrupt image or json: skip it, the batch counts it
             return None
@@ -117,14 +120,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        return x, labels
+        return x, labels, caption
 
     def __iter__(self) -> Iterator[dict]:
         worker, _ = _worker()
         for cycle in itertools.count():  # loop over this rank's share until the caller stops
             rng = random.Random(f"{self.seed}/{self.epoch}/{cycle}/{self.rank}/{worker}")
             bad = [0]
-            images, labels = [], []
+            images, labels, captions = [], [], []
             produced = False
             for s in self._shuffled(self._samples(self._my_shards(cycle), bad), rng):
                 item = self._decode(s, rng)
@@ -133,14 +136,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 images.append(item[0])
                 labels.append(item[1])
+                captions.append(item[2])
                 if len(images) == self.batch:
                     produced = True
                     yield {
                         "images": torch.stack(images).float() / 255,
                         "labels": labels,
+                        "captions": captions,
                         "bad": bad[0],
                     }
-                    images, labels, bad[0] = [], [], 0
+                    images, labels, captions, bad[0] = [], [], [], 0
             if not produced and cycle > 0:
                 raise UserError(
                     f"shards of rank {self.rank} hold fewer usable samples than one batch "
