@@ -35,6 +35,9 @@ DecoderInitOpt = Annotated[
 ]
 TemplatesOpt = Annotated[str, typer.Option(help="Prompt templates: single, clip7 or a file")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+SetOpt = Annotated[
+    list[str], typer.Option("--set", help="Untrained model's setting, e.g. model.normalise=clip")
+]
 
 
 @app.callback()
@@ -113,6 +116,7 @@ def eval_(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = "tiny",
     decoder_init: DecoderInitOpt = None,
+    set_: SetOpt = [],  # noqa: B006
     classes: Annotated[
         str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
     ] = None,
@@ -145,6 +149,7 @@ def eval_(
         checkpoint=checkpoint,
         preset=preset,
         decoder_init=decoder_init,
+        overrides=tuple(set_),
         classes=classes,
         templates=templates,
         limit=limit,
@@ -179,6 +184,7 @@ def segment(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = "tiny",
     decoder_init: DecoderInitOpt = None,
+    set_: SetOpt = [],  # noqa: B006
     output: Annotated[Path, typer.Option(help="Folder for the pictures")] = Path("segments"),
     threshold: Annotated[
         float, typer.Option(help="Activation a pixel needs to be shown as a class")
@@ -209,7 +215,9 @@ def segment(
             loaded.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-    model, train_cfg, _ = build_model(checkpoint, preset, decoder_init, resolve_device(device))
+    model, train_cfg, _ = build_model(
+        checkpoint, preset, decoder_init, resolve_device(device), 0, tuple(set_)
+    )
     short = short_side or train_cfg.data.image_size
     seg = Segmenter(
         model,

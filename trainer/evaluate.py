@@ -28,6 +28,7 @@ class EvalConfig:
     checkpoint: str | None = None  # a run or checkpoint folder; None: an untrained model
     preset: str = "tiny"  # the untrained model's settings (no checkpoint)
     decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
+    overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
     classes: str | None = None  # class file (default: trainer/classnames/<dataset>.txt)
     templates: str = "single"  # prompt templates: a name in trainer/templates or a file
     limit: int = 0  # evaluate only the first N images (0: all)
@@ -65,9 +66,11 @@ def build_model(
     decoder_init: str | None,
     device: torch.device,
     seed: int = 0,
+    overrides: tuple[str, ...] = (),
 ):
     """(model, its training config, checkpoint folder): a trained model, or an untrained one
-    from a preset (a fresh decoder, or ``decoder_init``'s CLIPSeg weights) when no checkpoint."""
+    from a preset (a fresh decoder, or ``decoder_init``'s CLIPSeg weights; ``overrides`` as
+    ``group.field=value``) when no checkpoint."""
     from trainer.config import resolve
     from trainer.model import SynSeg
     from trainer.train import load_model
@@ -77,8 +80,8 @@ def build_model(
 
         model, train_cfg = load_model(checkpoint, device)
         return model, train_cfg, find(checkpoint)
-    overrides = [f"model.decoder_init={decoder_init}"] if decoder_init else []
-    train_cfg = resolve(preset, overrides=overrides)
+    extra = [f"model.decoder_init={decoder_init}"] if decoder_init else []
+    train_cfg = resolve(preset, overrides=[*overrides, *extra])
     torch.manual_seed(seed)
     return SynSeg(train_cfg.model).to(device).eval(), train_cfg, None
 
@@ -92,7 +95,7 @@ def run_eval(
     data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
     templates = read_templates(cfg.templates)
     model, train_cfg, ckpt = build_model(
-        cfg.checkpoint, cfg.preset, cfg.decoder_init, device, cfg.seed
+        cfg.checkpoint, cfg.preset, cfg.decoder_init, device, cfg.seed, tuple(cfg.overrides)
     )
     short = cfg.short_side or (train_cfg.data.image_size if cfg.dataset == "world" else 448)
     window = cfg.window or short

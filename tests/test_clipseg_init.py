@@ -1,0 +1,39 @@
+import torch
+
+from trainer.clipseg_init import ClipSegInitConfig, load_split, run_clipseg_init
+from trainer.decoder import load_decoder_state
+from trainer.model import ModelConfig, SynSeg
+
+TINY = dict(
+    arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), ffn_dim=64, dropout=0.0, normalise="clip"
+)
+
+
+def test_ref_split_is_read_with_masks(world):
+    images, labels, classes = load_split(world, "ref", 32)
+    assert images.shape == (12, 3, 32, 32) and labels.shape == (12, 32, 32)
+    assert classes[0] == "grass" and len(classes) == 10
+    assert set(labels.unique().tolist()) <= set(range(10)) | {255}
+
+
+def test_clipseg_style_stage_learns_and_saves_clipseg_layout(world, tmp_path):
+    cfg = ClipSegInitConfig(
+        world=str(world),
+        output=str(tmp_path / "dec.pth"),
+        model=TINY,
+        steps=25,
+        batch_size=4,
+        image_size=64,
+        lr=3e-3,
+    )
+    stats = run_clipseg_init(cfg)
+    assert stats.loss_last < stats.loss_first and stats.images == 12
+    weights = torch.load(tmp_path / "dec.pth", weights_only=True)
+    assert (
+        "film_mul.weight" in weights
+        and "reduces.0.weight" in weights
+        and "trans_conv.weight" in weights
+    )
+    fresh = SynSeg(ModelConfig(**TINY))
+    assert load_decoder_state(fresh.decoder, weights) == "clipseg"  # loads like CLIPSeg's release
+    assert run_clipseg_init(cfg).reused
