@@ -157,10 +157,16 @@ def test_eval_of_an_untrained_model_and_errors(world, tmp_path):
             str(tmp_path),
             "--mode",
             "whole",
+            "--set",
+            "model.init_seed=3",
+            "--set",
+            "model.normalise=imagenet",
         ],
     )
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "eval-world.json").read_text())["settings"]["checkpoint"] is None
+    settings = json.loads((tmp_path / "eval-world.json").read_text())["settings"]
+    assert settings["checkpoint"] is None and settings["model"]["init_seed"] == 3
+    assert settings["normalisation"] == "imagenet"
     bad = runner.invoke(app, ["eval", "--dataset", "voc", "--data-root", str(world)])
     assert bad.exit_code == 1 and "expected JPEGImages/" in bad.stderr
     bad = runner.invoke(
