@@ -21,8 +21,8 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 
 setup: $(BIN)/.installed
 
-demo: setup  ## the whole chain on the offline synthetic world
-	$(BIN)/synseg-data demo
+demo: setup  ## the whole chain on the offline synthetic world, ending with reports/world/report.md
+	$(BIN)/synseg-train demo
 
 test: setup  ## the test suite
 	$(BIN)/python -m pytest
