@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -56,10 +55,6 @@ def read_settings(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def settings_digest(settings: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def check_done(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """True if ``path`` was already written with these settings, so the work can be skipped.
 
@@ -98,8 +93,3 @@ def ensure_output_dir(path: Path, marker_glob: str, what: str) -> None:
                 "choose an empty or new folder"
             )
     path.mkdir(parents=True, exist_ok=True)
-
-
-def shard_id(path: Path) -> str:
-    """'00012' for '.../00012.parquet' (img2dataset's shard naming)."""
-    return path.name.split(".")[0].split("_")[0]

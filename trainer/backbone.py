@@ -38,10 +38,6 @@ def open_clip():
     return oc
 
 
-def list_architectures() -> list[str]:
-    return open_clip().list_models()
-
-
 class FrozenCLIP(nn.Module):
     """An open_clip model with every parameter frozen and always in eval mode."""
 

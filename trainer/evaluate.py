@@ -6,7 +6,6 @@ The result, with every setting that produced it, goes to ``eval-<dataset>.json``
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer.datasets import open_dataset
 from trainer.infer import InferConfig, Segmenter, read_templates
@@ -185,10 +183,3 @@ def markdown(record: dict) -> str:
     for name, v in record["per_class"].items():
         lines.append(f"| {name} | {_pct(v['IoU'])} | {_pct(v['Acc'])} |")
     return "\n".join(lines) + "\n"
-
-
-def load_result(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None

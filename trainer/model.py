@@ -8,7 +8,7 @@ one backbone pass per image.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,6 @@ class TrainOutput:
     f: torch.Tensor  # (B, N, d) foreground synergy vectors
     fbar: torch.Tensor  # (B, N, d) background synergy vectors
     absent_maps: torch.Tensor | None = None  # (B, K, hw)
-    extras: dict = field(default_factory=dict)
 
 
 class SynSeg(nn.Module):

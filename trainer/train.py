@@ -26,7 +26,7 @@ from pipeline.fsutil import write_json
 from trainer import checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import ShardStream, find_shards, loader
-from trainer.losses import LOSS_TERMS, MCCLoss
+from trainer.losses import MCCLoss
 from trainer.model import SynSeg
 from trainer.textcache import LabelCache
 
@@ -356,6 +356,3 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[SynSeg, TrainConf
     model = SynSeg(cfg.model)
     checkpoint.load_weights(model, ckpt)
     return model.to(device).eval(), cfg
-
-
-__all__ = ["LOSS_TERMS", "TrainStats", "load_model", "run_train"]
