@@ -81,6 +81,23 @@ def describe_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
 
 
+def read_record(artifact: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stats recorded beside ``artifact`` (in ``<artifact>.json``) if both exist and it was
+    made with ``config``; else None. Configs compare as JSON (a tuple equals its list)."""
+    record = artifact.with_suffix(".json")
+    if not (artifact.exists() and record.exists()):
+        return None
+    saved = json.loads(record.read_text())
+    if saved.get("config") != json.loads(json.dumps(config)):
+        return None
+    return saved["stats"]
+
+
+def write_record(artifact: Path, config: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Record the config and stats that made ``artifact``, for ``read_record``."""
+    write_json(artifact.with_suffix(".json"), {"config": config, "stats": stats})
+
+
 def ensure_output_dir(path: Path, marker_glob: str, what: str) -> None:
     """Create ``path``, refusing a non-empty folder that holds nothing this stage wrote."""
     if path.exists() and not path.is_dir():

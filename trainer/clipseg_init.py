@@ -11,7 +11,6 @@ The result is saved in CLIPSeg's own key layout and loaded the way real CLIPSeg 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, write_json
+from pipeline.fsutil import atomic_path, read_record, write_record
 from trainer.model import ModelConfig, SynSeg
 
 
@@ -80,11 +79,9 @@ def run_clipseg_init(
     cfg: ClipSegInitConfig, on_step: Callable[[int, int, float], None] | None = None
 ) -> ClipSegInitStats:
     out = Path(cfg.output)
-    record = out.with_suffix(".json")
-    if out.exists() and record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("config") == json.loads(json.dumps(asdict(cfg))):
-            return ClipSegInitStats(**saved["stats"], reused=True)
+    done = read_record(out, asdict(cfg))
+    if done is not None:
+        return ClipSegInitStats(**done, reused=True)
     images, labels, classes = load_split(Path(cfg.world), "ref", cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = SynSeg(ModelConfig(**(cfg.model or {})))
@@ -119,8 +116,5 @@ def run_clipseg_init(
     }  # CLIPSeg's key names
     with atomic_path(out) as tmp:
         torch.save(weights, tmp)
-    write_json(
-        record,
-        {"config": asdict(cfg), "stats": {k: v for k, v in asdict(stats).items() if k != "reused"}},
-    )
+    write_record(out, asdict(cfg), {k: v for k, v in asdict(stats).items() if k != "reused"})
     return stats

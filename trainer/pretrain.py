@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fsutil import atomic_path, write_json
+from pipeline.fsutil import atomic_path, read_record, write_record
 from trainer.backbone import NORMALISE, open_clip
 from trainer.data import ShardStream, find_shards
 
@@ -65,13 +65,9 @@ def run_pretrain(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> PretrainStats:
     out = Path(cfg.output)
-    record = out.with_suffix(".json")
-    if out.exists() and record.exists():
-        import json
-
-        saved = json.loads(record.read_text())
-        if saved.get("config") == asdict(cfg):
-            return PretrainStats(**saved["stats"], reused=True)
+    done = read_record(out, asdict(cfg))
+    if done is not None:
+        return PretrainStats(**done, reused=True)
     oc = open_clip()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)  # the same random start as the trainer's random backbone
@@ -125,6 +121,5 @@ def run_pretrain(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.save(model.state_dict(), tmp)
-    stats_d = {k: v for k, v in asdict(stats).items() if k != "reused"}
-    write_json(record, {"config": asdict(cfg), "stats": stats_d})
+    write_record(out, asdict(cfg), {k: v for k, v in asdict(stats).items() if k != "reused"})
     return stats
