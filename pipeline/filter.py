@@ -287,12 +287,12 @@ def run_filter(
         target = cfg.output / shard.name
         if check_done(target, settings, cfg.overwrite):
             stats.skipped += 1
+            out = pq.read_table(target, columns=["labels", "dropped", "kept", "reason"])
         else:
             table = pq.read_table(shard, columns=["uid", "key", "phrases"])
             out = filter_table(table, matcher, cfg, allow)
             write_parquet(target, out, settings)
             stats.written += 1
-        out = pq.read_table(target, columns=["labels", "dropped", "kept", "reason"])
         stats.images += out.num_rows
         stats.images_kept += sum(out["kept"].to_pylist())
         left_out.update(r for r in out["reason"].to_pylist() if r)

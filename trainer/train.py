@@ -103,7 +103,8 @@ def _absent_text(
     vocab = list(cache.index)
     picks = []
     for ls in labels:
-        pool = [p for p in vocab if p not in set(ls)]
+        own = set(ls)
+        pool = [p for p in vocab if p not in own]
         if len(pool) < k:
             return None  # too early in the run to have enough other phrases
         picks.append(rng.sample(pool, k))
