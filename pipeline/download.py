@@ -214,10 +214,15 @@ def _reason(message: str | None) -> str:
     return msg.strip()[:80]
 
 
+def succeeded(status: list[dict]) -> set[str]:
+    """uids with a successful row in any shard (a retry may succeed where the first try failed)."""
+    return {r["uid"] for r in status if r["status"] == "success"}
+
+
 def summarize(raw: Path) -> tuple[int, int, dict[str, int]]:
     """(unique successes, unique uids that never succeeded, failure reasons of the latter)."""
     status = read_status(raw).to_pylist()
-    ok = {r["uid"] for r in status if r["status"] == "success"}
+    ok = succeeded(status)
     last_error: dict[str, str] = {}
     for r in status:
         if r["uid"] not in ok:
@@ -347,8 +352,7 @@ def run_download(cfg: DownloadConfig, on_start=None, on_tick=None) -> DownloadSt
                 f"the download is not finished ({len(missing)} shard(s) left, first {missing[0]:05d}); "
                 "run it again without --retry-failed first"
             )
-        status = read_status(out).to_pylist()
-        ok = {r["uid"] for r in status if r["status"] == "success"}
+        ok = succeeded(read_status(out).to_pylist())
         retry = table.filter(pc.invert(pc.is_in(table["uid"], pa.array(sorted(ok), pa.string()))))
         attempted = retry.num_rows
         if attempted:
