@@ -3,20 +3,30 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# CPU machines pin the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build);
-# GPU machines install with CONSTRAINTS= to keep their own torch.
-CONSTRAINTS ?= constraints-cpu.txt
-PIP_C   = $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# Every dependency is pinned in a lock file (pip-tools, from pyproject.toml and
+# constraints-cpu.txt), so a fresh machine installs what CI tested. The lock holds the CPU build
+# of torch: an unpinned torch pulls a multi-GB CUDA build. A machine that brings its own torch
+# (a GPU machine) uses `make demo TORCH=own`: the venv then sees the system's torch and
+# torchvision and installs everything else from the lock.
+LOCK   ?= requirements/cpu.lock
+TORCH  ?= cpu
+VENV_FLAGS = $(if $(filter own,$(TORCH)),--system-site-packages,)
 
 export NO_ALBUMENTATIONS_UPDATE = 1
 export WANDB_MODE = disabled
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench lock clean
 
-$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
-	$(PYTHON) -m venv $(VENV)
+$(BIN)/.installed: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(PIP_C) -e ".[dev]"
+ifeq ($(TORCH),own)
+	grep -vE '^(torch|torchvision)==' $(LOCK) > $(VENV)/lock-own-torch.txt
+	$(BIN)/pip install -q -r $(VENV)/lock-own-torch.txt
+else
+	$(BIN)/pip install -q -r $(LOCK)
+endif
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 setup: $(BIN)/.installed
@@ -35,6 +45,13 @@ bench: setup
 	$(BIN)/python benchmarks/filter.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/infer.py
+
+lock:  ## refresh requirements/cpu.lock from pyproject.toml and constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install -q pip-tools
+	$(VENV)-lock/bin/pip-compile -q --upgrade --extra dev -c constraints-cpu.txt \
+		--no-emit-find-links --no-emit-index-url --strip-extras \
+		--output-file $(LOCK) pyproject.toml
 
 clean:  ## remove generated data (keeps the environment)
 	rm -rf data manifests/nouns manifests/labels

@@ -38,14 +38,17 @@ def tiny_hf(refined: bool):
         extract_layers=[1, 2, 3],
         use_complex_transposed_convolution=refined,
     )
+    cfg._attn_implementation = "sdpa"  # the attention path transformers uses by default
     torch.manual_seed(0)
-    return CLIPSegForImageSegmentation(cfg).eval(), cfg
+    return CLIPSegForImageSegmentation(cfg).eval().double(), cfg
 
 
 @pytest.mark.parametrize("refined", [False, True])
 def test_same_logits_as_transformers(refined):
+    # float64 on both sides: the two implementations order their sums differently, and in
+    # float32 that noise (~1e-5) depends on the CPU and the library versions.
     hf, cfg = tiny_hf(refined)
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     ids = torch.randint(0, 99, (2, 7))
     with torch.no_grad():
         want = hf(pixel_values=pixels, input_ids=ids).logits  # (2, 32, 32)
@@ -67,6 +70,7 @@ def test_same_logits_as_transformers(refined):
         )
     ).eval()
     assert load_decoder_state(ours, hf.state_dict()) == "huggingface"
+    ours.double()
     with torch.no_grad():
         # transformers returns the transposed convolution's output as it is: with patch 8 the
         # refined stack upsamples 4x, to 16 px. (CLIPSeg itself then resizes to the input.)
@@ -75,11 +79,11 @@ def test_same_logits_as_transformers(refined):
         )
         full, _ = ours(ours.reduce_taps(taps), cond, None, grid=(4, 4), out_size=(32, 32))
     assert want.shape[-1] == (32 if not refined else 16)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     resized = torch.nn.functional.interpolate(
         want[:, None], size=(32, 32), mode="bilinear", align_corners=False
     )[:, 0]
-    torch.testing.assert_close(full, resized, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full, resized, rtol=0, atol=1e-9)
 
 
 def test_clipseg_layout_round_trip_and_config_guess():
