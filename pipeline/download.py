@@ -7,7 +7,11 @@ What it adds to img2dataset:
 - resumes: img2dataset's incremental mode skips shards whose ``_stats.json`` exists;
 - ``retry_failed``: fetches again only the rows that never succeeded, into new shards
   (img2dataset's ``extend`` mode), so no finished shard is rewritten;
-- a summary of successes and failure reasons read back from the shards' Parquet files.
+- a summary of successes and failure reasons read back from the shards' Parquet files;
+- an honest user agent: img2dataset's token (``img2dataset``) is sent, so a site's
+  ``X-Robots-Tag: img2dataset: noai`` (or ``noimageai``, ``noindex``, ``noimageindex``) is
+  honoured and the row fails with that reason;
+- an interrupted download (Ctrl-C) exits non-zero: img2dataset's own handler would exit 0.
 
 Our own bookkeeping lives in ``<output>/_synseg/`` (img2dataset treats every top-level
 ``*.json`` as a shard's stats, so nothing of ours may sit there).
@@ -21,6 +25,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import threading
 from collections import Counter
@@ -33,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, describe_diff, write_json
+from pipeline.fsutil import atomic_path, describe_diff, file_digest, read_parquet, write_json
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 META = "_synseg"
@@ -56,6 +61,7 @@ class DownloadConfig:
     retries: int = 0  # img2dataset's retries per URL
     retry_failed: bool = False  # fetch again only the rows that never succeeded
     max_caption_chars: int = 1000  # longer captions are cut (and counted)
+    user_agent_token: str = "img2dataset"  # named in the user agent; X-Robots-Tag honoured for it
     verbose: bool = False  # show img2dataset's own output instead of sending it to a log file
 
     def __post_init__(self) -> None:
@@ -85,6 +91,7 @@ class DownloadConfig:
 @dataclass
 class InputStats:
     rows: int = 0
+    header: bool = False  # the first line was a header (url<TAB>caption or another name)
     duplicates: int = 0
     bad_rows: int = 0
     not_utf8: int = 0
@@ -123,6 +130,8 @@ def read_url_list(path: Path, max_caption_chars: int) -> tuple[pa.Table, InputSt
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             raw = raw.rstrip(b"\r\n")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark, as spreadsheet exports write
             if not raw.strip():
                 continue
             try:
@@ -132,17 +141,19 @@ def read_url_list(path: Path, max_caption_chars: int) -> tuple[pa.Table, InputSt
                 line = raw.decode("utf-8", errors="replace")
                 bad_encoding = True
             cols = line.split("\t")
-            if first and [c.strip().lower() for c in cols] == ["url", "caption"]:
+            is_url = re.match(r"https?://\S+$", cols[0].strip()) is not None
+            if first and len(cols) == 2 and not is_url and "://" not in cols[0]:
                 first = False
-                continue  # a header line
-            ok = len(cols) == 2 and re.match(r"https?://\S+$", cols[0].strip())
-            if not ok:
+                stats.header = True
+                continue  # a header line (url<TAB>caption, or other column names)
+            if len(cols) != 2 or not is_url:
                 if first:
-                    raise UserError(
-                        f"{path} line {lineno}: expected 2 tab-separated columns "
-                        f"(url, caption) with an http(s) URL first, found {len(cols)} column(s)"
-                        + (f" starting {cols[0][:40]!r}" if cols else "")
+                    problem = (
+                        f"expected 2 tab-separated columns (url, caption), found {len(cols)}"
+                        if len(cols) != 2
+                        else "the first column is not an http(s) URL"
                     )
+                    raise UserError(f"{path} line {lineno}: {problem}: {line[:60]!r}")
                 stats.bad_rows += 1
                 continue
             first = False
@@ -171,14 +182,6 @@ def read_url_list(path: Path, max_caption_chars: int) -> tuple[pa.Table, InputSt
     return table, stats
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- shards on disk
 
 
@@ -193,12 +196,10 @@ def done_shards(raw: Path) -> list[Path]:
 
 def read_status(raw: Path) -> pa.Table:
     """uid, key, status and error of every row of every finished shard."""
-    tables = [
-        pq.read_table(p, columns=["uid", "key", "status", "error_message"]).append_column(
-            "shard", pa.array([p.stem] * pq.read_metadata(p).num_rows, pa.string())
-        )
-        for p in done_shards(raw)
-    ]
+    tables = []
+    for p in done_shards(raw):
+        t = read_parquet(p, ["uid", "key", "status", "error_message"])
+        tables.append(t.append_column("shard", pa.array([p.stem] * t.num_rows, pa.string())))
     if not tables:
         return pa.table({"uid": [], "key": [], "status": [], "error_message": [], "shard": []})
     return pa.concat_tables(tables)
@@ -276,6 +277,7 @@ def _img2dataset(cfg: DownloadConfig, input_file: Path, mode: str, on_tick=None)
 
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
+    previous_handler = signal.getsignal(signal.SIGINT)
     try:
         with _output_to(log):
             download(
@@ -299,8 +301,14 @@ def _img2dataset(cfg: DownloadConfig, input_file: Path, mode: str, on_tick=None)
                 enable_wandb=False,
                 extract_exif=False,
                 compute_hash=None,
+                user_agent_token=cfg.user_agent_token or None,
             )
+    except SystemExit as e:
+        # img2dataset's SIGINT handler cleans its temporary folder, then calls sys.exit(0):
+        # a Ctrl-C would look like success to `download && extract-nouns`.
+        raise KeyboardInterrupt from e
     finally:
+        signal.signal(signal.SIGINT, previous_handler)  # img2dataset's handler outlives it
         stop.set()
         if ticker is not None:
             ticker.join()
@@ -321,7 +329,7 @@ def run_download(cfg: DownloadConfig, on_start=None, on_tick=None) -> DownloadSt
         )
     meta.mkdir(parents=True, exist_ok=True)
 
-    digest = _file_digest(cfg.url_list) if cfg.url_list.is_file() else None
+    digest = file_digest(cfg.url_list) if cfg.url_list.is_file() else None
     table, input_stats = read_url_list(cfg.url_list, cfg.max_caption_chars)
     input_file = meta / "input.parquet"
     record = meta / "download.json"
@@ -367,6 +375,12 @@ def run_download(cfg: DownloadConfig, on_start=None, on_tick=None) -> DownloadSt
         if on_start:
             on_start(n_input_shards)
         _img2dataset(cfg, input_file, "incremental", on_tick)
+        left = n_input_shards - len([p for p in done_shards(out) if int(p.stem) < n_input_shards])
+        if left:
+            raise UserError(
+                f"img2dataset stopped with {left} of {n_input_shards} shard(s) unfinished "
+                f"(see {meta / 'img2dataset.log'}); run the same command again to go on"
+            )
 
     success, failed, reasons = summarize(out)
     return DownloadStats(

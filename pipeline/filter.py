@@ -13,7 +13,9 @@ phrases with the term (and list) that dropped them, and whether the image was ke
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,10 +23,19 @@ from pathlib import Path
 
 import ahocorasick
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.cores import default_processes
 from pipeline.errors import UserError
-from pipeline.fsutil import check_done, ensure_output_dir, write_json, write_parquet
+from pipeline.fsutil import (
+    check_done,
+    clean_stale,
+    ensure_output_dir,
+    file_digest,
+    output_dir,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 
 MATCH_MODES = ("substring", "word")
 DROPPED = pa.struct(
@@ -40,6 +51,7 @@ SCHEMA = pa.schema(
         ("reason", pa.string()),  # why an image was left out (null when kept)
     ]
 )
+POOL_MIN_BYTES = 64 << 20  # noun manifests below this size are filtered in this process
 LISTS_DIR = Path(__file__).resolve().parent.parent / "exclusion_lists"
 
 
@@ -53,6 +65,7 @@ class FilterConfig:
     max_labels: int = 0  # keep at most this many labels per image, first-seen order (0: no cap)
     top_k: int = 0  # keep only images with a label among the K most frequent (0: off)
     allow: Path | None = None  # keep only images with a label in this file (one entity a line)
+    processes: int = 0  # shards filtered in parallel (0: one per core, at most 8)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -60,14 +73,17 @@ class FilterConfig:
         problems = []
         if self.match not in MATCH_MODES:
             problems.append(f"--match must be one of {', '.join(MATCH_MODES)}, not {self.match!r}")
-        if self.min_labels < 0 or self.max_labels < 0 or self.top_k < 0:
-            problems.append("--min-labels, --max-labels and --top-k must not be negative")
+        if min(self.min_labels, self.max_labels, self.top_k, self.processes) < 0:
+            problems.append(
+                "--min-labels, --max-labels, --top-k and --processes must not be negative"
+            )
         if self.max_labels and self.min_labels > self.max_labels:
             problems.append("--min-labels is larger than --max-labels")
         if self.top_k and self.allow:
             problems.append("give --top-k or --allow, not both")
         if problems:
             raise UserError("; ".join(problems))
+        self.processes = default_processes(self.processes)
 
 
 @dataclass
@@ -210,7 +226,7 @@ def frequent_entities(shards: list[Path], matcher: Matcher, k: int) -> list[str]
     """The K most frequent labels left after exclusion, over every shard (ties by name)."""
     counts: Counter[str] = Counter()
     for shard in shards:
-        phrases = pq.read_table(shard, columns=["phrases"])["phrases"].to_pylist()
+        phrases = read_parquet(shard, ["phrases"])["phrases"].to_pylist()
         labels, _ = _apply_exclusion(matcher, phrases)
         for ls in labels:
             counts.update(ls)
@@ -275,33 +291,73 @@ def run_filter(
         else None,
     }
     ensure_output_dir(cfg.output, "*.parquet", "output")
-    if allow is not None:
-        write_json(cfg.output / "_allow.json", sorted(allow))
+    with output_dir(cfg.output):
+        clean_stale(cfg.output)
+        if allow is not None:
+            write_json(cfg.output / "_allow.json", sorted(allow))
+        return _filter_all(cfg, shards, matcher, allow, settings, on_start, on_advance)
 
+
+class FilterShard:
+    """Filter one noun manifest (a picklable job, so shards can be filtered in parallel).
+
+    Returns (whether it was written, the output columns the summary needs).
+    """
+
+    def __init__(
+        self, cfg: FilterConfig, matcher: Matcher, allow: set[str] | None, settings: dict
+    ) -> None:
+        self.cfg, self.matcher, self.allow, self.settings = cfg, matcher, allow, settings
+
+    def __call__(self, shard: Path) -> tuple[bool, pa.Table]:
+        cfg, target = self.cfg, self.cfg.output / shard.name
+        # A noun manifest made again (a re-download, another model) makes its labels stale.
+        inputs = {"nouns_sha1": file_digest(shard)}
+        if check_done(target, self.settings, cfg.overwrite, inputs):
+            return False, read_parquet(target, ["labels", "dropped", "kept", "reason"])
+        table = read_parquet(shard, ["uid", "key", "phrases"])
+        out = filter_table(table, self.matcher, cfg, self.allow)
+        write_parquet(target, out, self.settings, inputs)
+        return True, out.select(["labels", "dropped", "kept", "reason"])
+
+
+def _filter_all(
+    cfg: FilterConfig,
+    shards: list[Path],
+    matcher: Matcher,
+    allow: set[str] | None,
+    settings: dict,
+    on_start: Callable[[int], None] | None,
+    on_advance: Callable[[int], None] | None,
+) -> FilterStats:
     stats = FilterStats(shards=len(shards))
     left_out: Counter[str] = Counter()
     by_term: Counter[str] = Counter()
     if on_start:
         on_start(len(shards))
-    for shard in shards:
-        target = cfg.output / shard.name
-        if check_done(target, settings, cfg.overwrite):
-            stats.skipped += 1
-            out = pq.read_table(target, columns=["labels", "dropped", "kept", "reason"])
+    job = FilterShard(cfg, matcher, allow, settings)
+    # Matching is fast (millions of phrases/s): worker processes pay off only on large inputs,
+    # where reading and writing Parquet dominates; small ones run here.
+    large = sum(p.stat().st_size for p in shards) > POOL_MIN_BYTES
+    with contextlib.ExitStack() as stack:
+        if cfg.processes > 1 and len(shards) > 1 and large:
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ctx.Pool(min(cfg.processes, len(shards))))
+            results = pool.imap(job, shards)
         else:
-            table = pq.read_table(shard, columns=["uid", "key", "phrases"])
-            out = filter_table(table, matcher, cfg, allow)
-            write_parquet(target, out, settings)
-            stats.written += 1
-        stats.images += out.num_rows
-        stats.images_kept += sum(out["kept"].to_pylist())
-        left_out.update(r for r in out["reason"].to_pylist() if r)
-        stats.labels += sum(len(ls) for ls in out["labels"].to_pylist())
-        for gone in out["dropped"].to_pylist():
-            stats.phrases += len(gone)
-            by_term.update(d["term"] for d in gone if d["term"])
-        if on_advance:
-            on_advance(1)
+            results = map(job, shards)
+        for written, out in results:
+            stats.written += written
+            stats.skipped += not written
+            stats.images += out.num_rows
+            stats.images_kept += sum(out["kept"].to_pylist())
+            left_out.update(r for r in out["reason"].to_pylist() if r)
+            stats.labels += sum(len(ls) for ls in out["labels"].to_pylist())
+            for gone in out["dropped"].to_pylist():
+                stats.phrases += len(gone)
+                by_term.update(d["term"] for d in gone if d["term"])
+            if on_advance:
+                on_advance(1)
     stats.phrases += stats.labels
     stats.images_left_out = dict(left_out.most_common())
     stats.dropped_by_term = dict(by_term.most_common(20))

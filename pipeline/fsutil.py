@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +18,28 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Files are made by mkstemp with mode 0600; they get the mode a plain open() would have given,
+# so outputs on shared storage stay readable by the group and others the umask allows.
+_FILE_MODE = 0o666 & ~_umask()
+TMP_SUFFIX = ".tmp"  # every temporary name starts with "." and ends with this
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    A crash or an exception leaves no partial file under the final name.
+    A crash or an exception leaves no partial file under the final name; a temporary file
+    left by a killed process is removed by ``clean_stale`` on the next run.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -33,33 +49,100 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def clean_stale(folder: Path) -> int:
+    """Remove temporaries (``.*.tmp`` files and folders) a killed run left in ``folder``.
+
+    Returns how many were removed. One run per output folder at a time is assumed.
+    """
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def output_dir(path: Path) -> Iterator[Path]:
+    """Create ``path`` for the block; if the block fails and the folder is still empty, remove
+    it again, so a refused or failed first run leaves nothing behind."""
+    existed = path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+def file_digest(path: Path) -> str:
+    """SHA-1 of a file's bytes: the identity of a stage's input, recorded in its output."""
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file, turning a damaged or foreign file into one clear line."""
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable Parquet file ({first})") from None
+    return table
+
+
 def write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_parquet(path: Path, table: pa.Table, settings: dict[str, Any] | None = None) -> None:
-    """Write ``table`` atomically, with the stage's settings stored in the file's metadata."""
+def write_parquet(
+    path: Path,
+    table: pa.Table,
+    settings: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> None:
+    """Write ``table`` atomically, with the stage's settings and the identity of the inputs it
+    was made from stored in the file's metadata."""
+    meta = dict(table.schema.metadata or {})
     if settings is not None:
-        meta = dict(table.schema.metadata or {})
         meta[b"synseg"] = json.dumps(settings, sort_keys=True).encode()
-        table = table.replace_schema_metadata(meta)
+    if inputs is not None:
+        meta[b"synseg_inputs"] = json.dumps(inputs, sort_keys=True).encode()
+    table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
-def read_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a stage stored in a Parquet file it wrote, or None."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(b"synseg")
+def read_settings(path: Path, key: bytes = b"synseg") -> dict[str, Any] | None:
+    """The settings (or, with ``key=b"synseg_inputs"``, the input identity) a stage stored in a
+    Parquet file it wrote, or None."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError):
+        return None  # a damaged output: treated like one made with unknown settings
+    raw = meta.get(key)
     return json.loads(raw) if raw else None
 
 
-def check_done(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
-    """True if ``path`` was already written with these settings, so the work can be skipped.
+def check_done(
+    path: Path, settings: dict[str, Any], overwrite: bool, inputs: dict[str, Any] | None = None
+) -> bool:
+    """True if ``path`` was already written with these settings from these inputs, so the work
+    can be skipped.
 
     An output made with other settings is an error unless ``overwrite`` is set: mixing shards
-    made under two configurations would silently corrupt a dataset.
+    made under two configurations would silently corrupt a dataset. An output made with the
+    same settings from inputs that have changed since (an upstream stage was redone) is stale:
+    False, so it is made again.
     """
     if not path.exists():
         return False
@@ -71,7 +154,8 @@ def check_done(path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
             f"{path} was written with other settings ({describe_diff(previous, settings)}); "
             "pass --overwrite to redo it or choose another output folder"
         )
-    return True
+    # Same settings: done, unless it was made from inputs that have changed since.
+    return inputs is None or read_settings(path, b"synseg_inputs") == inputs
 
 
 def describe_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:

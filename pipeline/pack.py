@@ -4,9 +4,14 @@ Each raw shard is packed on its own (a picklable job, so shards run in parallel)
 ``train-RRRRR-PPP.tar`` (RRRRR the raw shard, PPP a part bounded by a sample count and its
 size on disk). A sample is ``<uid>.jpg`` (resized for training) and ``<uid>.json`` with
 ``{"labels", "caption", "uid", "key"}``. Parts are written in a temporary folder and renamed
-into place; ``_pack/RRRRR.json`` then marks the raw shard done, so a rerun skips it.
-``sizes.json`` maps every training shard to its sample count. Images that cannot be decoded are
-skipped and counted, never fatal.
+into place; ``_pack/RRRRR.json`` then marks the raw shard done, so a rerun skips it. The marker
+records the SHA-1 of the raw and labels Parquet files it was made from: a shard downloaded or
+filtered again is packed again. ``sizes.json`` maps every training shard to its sample count.
+
+Images that cannot be decoded are skipped and counted, never fatal. A raw tar that lacks
+samples its Parquet says were downloaded (a truncated file) is not packed: the run ends with
+one line naming it, since packing what is left would lose those samples silently. A uid that
+could not be a safe tar member name (a path, dots) is skipped and counted.
 """
 
 from __future__ import annotations
@@ -14,20 +19,32 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import re
 import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.cores import default_processes
 from pipeline.download import done_shards
 from pipeline.errors import UserError
-from pipeline.fsutil import ensure_output_dir, write_json
+from pipeline.fsutil import (
+    TMP_SUFFIX,
+    clean_stale,
+    ensure_output_dir,
+    file_digest,
+    output_dir,
+    read_parquet,
+    write_json,
+)
 
 RESIZE_MODES = ("center_crop", "shorter_side", "stretch")
+# A uid becomes a tar member name (<uid>.jpg): no separators, no dots (WebDataset splits the
+# key from the extension at the first dot), nothing a shell or a file system treats specially.
+SAFE_UID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 @dataclass
@@ -40,7 +57,7 @@ class PackConfig:
     quality: int = 90  # JPEG quality of the packed images
     max_count: int = 1000  # samples per training shard at most
     max_bytes: int = 500_000_000  # bytes per training shard at most
-    processes: int = 1  # raw shards packed in parallel
+    processes: int = 0  # raw shards packed in parallel (0: one per core, at most 8)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -50,12 +67,15 @@ class PackConfig:
             problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}")
         if self.image_size < 8:
             problems.append("--image-size must be at least 8")
-        if self.max_count < 1 or self.max_bytes < 1 or self.processes < 1:
-            problems.append("--max-count, --max-bytes and --processes must be at least 1")
+        if self.max_count < 1 or self.max_bytes < 1:
+            problems.append("--max-count and --max-bytes must be at least 1")
+        if self.processes < 0:
+            problems.append("--processes must not be negative")
         if not 1 <= self.quality <= 100:
             problems.append("--quality must be in 1..100")
         if problems:
             raise UserError("; ".join(problems))
+        self.processes = default_processes(self.processes)
 
     def settings(self) -> dict:
         return {
@@ -72,7 +92,10 @@ class ShardResult:
     written: int = 0
     corrupt: int = 0  # images that could not be decoded
     left_out: int = 0  # samples the filter left out (or with no labels row)
+    bad_uid: int = 0  # uids that are not safe tar member names
+    missing: int = 0  # downloaded samples (per the raw Parquet) absent from the raw tar
     settings: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # SHA-1 of the raw and labels Parquet files
 
 
 @dataclass
@@ -84,6 +107,7 @@ class PackStats:
     written: int = 0  # samples written in this run
     corrupt: int = 0
     left_out: int = 0
+    bad_uid: int = 0
     shards: int = 0
 
 
@@ -105,13 +129,18 @@ def prepare_image(data: bytes, size: int, mode: str) -> Image.Image:
 
 
 def _read_raw_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """Every readable sample of a raw tar; a truncated or damaged tail ends the reading (the
+    caller compares what was read with what the shard's Parquet says was downloaded)."""
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError):
+        pass
     return samples
 
 
@@ -176,16 +205,26 @@ class PackShard:
 
     def __call__(self, raw_parquet: Path) -> ShardResult:
         cfg, sid = self.cfg, raw_parquet.stem
-        result = ShardResult(raw_shard=sid, settings=cfg.settings())
+        labels_file = cfg.labels / f"{sid}.parquet"
+        result = ShardResult(
+            raw_shard=sid, settings=cfg.settings(), inputs=shard_inputs(raw_parquet, labels_file)
+        )
         labels = {
             r["key"]: r
-            for r in pq.read_table(
-                cfg.labels / f"{sid}.parquet", columns=["uid", "key", "labels", "kept"]
-            ).to_pylist()
+            for r in read_parquet(labels_file, ["uid", "key", "labels", "kept"]).to_pylist()
             if r["kept"]
         }
         samples = _read_raw_tar(cfg.raw / f"{sid}.tar")
-        tmp = cfg.output / f".tmp-{sid}"
+        status = read_parquet(raw_parquet, ["key", "status"]).to_pylist()
+        result.missing = sum(
+            r["status"] == "success" and "jpg" not in samples.get(r["key"], {}) for r in status
+        )
+        if result.missing:  # not packed, not marked done: run_pack names it
+            for stale in cfg.output.glob(f"train-{sid}-*.tar"):
+                stale.unlink()  # parts of an earlier packing of this shard's older download
+            (cfg.output / "_pack" / f"{sid}.json").unlink(missing_ok=True)
+            return result
+        tmp = cfg.output / f".pack-{sid}{TMP_SUFFIX}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         with _Parts(tmp, f"train-{sid}", cfg.max_count, cfg.max_bytes) as sink:
@@ -194,6 +233,9 @@ class PackShard:
                 row = labels.get(key)
                 if row is None or "jpg" not in sample:
                     result.left_out += 1
+                    continue
+                if not isinstance(row["uid"], str) or not SAFE_UID.fullmatch(row["uid"]):
+                    result.bad_uid += 1
                     continue
                 try:
                     img = prepare_image(sample["jpg"], cfg.image_size, cfg.resize)
@@ -217,9 +259,17 @@ class PackShard:
         return result
 
 
+def shard_inputs(raw_parquet: Path, labels_parquet: Path) -> dict[str, str]:
+    """The identity of what a raw shard's training shards are made from."""
+    return {"raw_sha1": file_digest(raw_parquet), "labels_sha1": file_digest(labels_parquet)}
+
+
 def _marker(cfg: PackConfig, sid: str) -> dict | None:
     path = cfg.output / "_pack" / f"{sid}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None  # unreadable: the shard is packed again
 
 
 def run_pack(
@@ -242,15 +292,30 @@ def run_pack(
             f"{len(missing)} raw shard(s) have no labels manifest in {cfg.labels} (first {missing[0]}); "
             "run `synseg-data filter` first"
         )
-    ensure_output_dir(cfg.output, "sizes.json", "output")
-    (cfg.output / "_pack").mkdir(exist_ok=True)
+    # _pack/ is made first, so a folder holding it is ours even when a first run was killed
+    # before sizes.json was written.
+    ensure_output_dir(cfg.output, "_pack", "output")
+    with output_dir(cfg.output):
+        clean_stale(cfg.output)
+        (cfg.output / "_pack").mkdir(exist_ok=True)
+        clean_stale(cfg.output / "_pack")
+        return _pack_all(cfg, raw, on_start, on_advance)
 
+
+def _pack_all(
+    cfg: PackConfig,
+    raw: list[Path],
+    on_start: Callable[[int], None] | None,
+    on_advance: Callable[[int], None] | None,
+) -> PackStats:
     stats = PackStats(raw_shards=len(raw))
     todo = []
     for p in raw:
         marker = _marker(cfg, p.stem)
         if marker is None or cfg.overwrite:
             todo.append(p)
+        elif marker.get("inputs") != shard_inputs(p, cfg.labels / p.name):
+            todo.append(p)  # downloaded or filtered again since it was packed
         elif marker["settings"] != cfg.settings():
             raise UserError(
                 f"{cfg.output} was packed with other settings ({marker['settings']}); "
@@ -274,16 +339,30 @@ def run_pack(
             results.append(job(p))
             if on_advance:
                 on_advance(1)
+    incomplete = sorted((r for r in results if r.missing), key=lambda r: r.raw_shard)
     for r in results:
+        if r.missing:
+            continue
         stats.packed += 1
         stats.written += r.written
         stats.corrupt += r.corrupt
         stats.left_out += r.left_out
+        stats.bad_uid += r.bad_uid
 
     sizes: dict[str, int] = {}
     for p in raw:
-        sizes.update(_marker(cfg, p.stem)["parts"])
+        marker = _marker(cfg, p.stem)
+        if marker is not None and not marker.get("missing"):
+            sizes.update(marker["parts"])
     write_json(cfg.output / "sizes.json", dict(sorted(sizes.items())))
     stats.shards = len(sizes)
     stats.samples = sum(sizes.values())
+    if incomplete:
+        first = incomplete[0]
+        raise UserError(
+            f"{len(incomplete)} raw shard(s) lack samples their Parquet lists as downloaded "
+            f"({first.raw_shard}.tar: {first.missing} missing), so they were not packed; "
+            f"download them again (remove {cfg.raw / (first.raw_shard + '_stats.json')} and "
+            "rerun `synseg-data download`), then rerun pack"
+        )
     return stats

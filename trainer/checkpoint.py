@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import TMP_SUFFIX, atomic_path, clean_stale
 
 
 def save(run: Path, step: int, model, optimizer, epoch: int, config: dict, extra: dict) -> Path:
@@ -28,8 +28,8 @@ def save(run: Path, step: int, model, optimizer, epoch: int, config: dict, extra
 
     folder = run / "checkpoints"
     name = f"step-{step:07d}"
-    tmp = folder / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = folder / f".{name}{TMP_SUFFIX}"
+    clean_stale(folder)  # this one, or one a killed run left
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
@@ -85,6 +85,11 @@ def load_weights(model, ckpt: Path) -> None:
 
 
 def load_optimizer(optimizer, ckpt: Path) -> tuple[int, int]:
-    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["epoch"]
+    # weights_only: tensors and plain containers only, so a crafted file cannot run code.
+    try:
+        state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), int(state["epoch"])
+    except Exception as e:  # unpickling refusals, a damaged file, a foreign state
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{ckpt}/optimizer.pt cannot be loaded: {first[:200]}") from None

@@ -105,6 +105,11 @@ def run(
             bar.update(task, visible=False)  # the error line says enough
             raise
     if main:
+        if stats.steps == stats.start_step:
+            err.print(
+                f"nothing to train: the run is at step {stats.start_step} of "
+                f"{stats.total_steps}; raise --steps to go further"
+            )
         summary("train", stats, time.time() - t)
 
 
@@ -213,7 +218,7 @@ def segment(
     for path in images:
         try:
             loaded.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
     model, train_cfg, _ = build_model(
         checkpoint, preset, decoder_init, resolve_device(device), 0, tuple(set_)
@@ -225,10 +230,35 @@ def segment(
         read_templates(templates),
         InferConfig(mode=mode, short_side=short, window=short, stride=max(1, short // 2)),
     )
-    for path, img in zip(images, loaded, strict=True):
+    for path, img, stem in zip(images, loaded, picture_stems(images), strict=True):
         _, act = seg.predict(img, (img.height, img.width))
-        written = write_pictures(img, act.cpu().numpy(), names, threshold, output, Path(path).stem)
+        written = write_pictures(img, act.cpu().numpy(), names, threshold, output, stem)
         out.print(f"{path}: {', '.join(str(p) for p in written)}")
+
+
+def picture_stems(images: list[Path]) -> list[str]:
+    """A distinct file stem per image: its own, or, where two images share a name
+    (a/x.jpg, b/x.jpg), the folders above it joined in until the names differ."""
+    paths = [Path(p).resolve() for p in images]
+    stems = [p.stem for p in paths]
+    depth = 0
+    while len(set(stems)) < len(stems):
+        depth += 1
+        counts = {s: stems.count(s) for s in stems}
+        longer = [
+            "_".join([*p.parent.parts[-depth:], p.stem]).lstrip("/_") if counts[s] > 1 else s
+            for p, s in zip(paths, stems, strict=True)
+        ]
+        if longer == stems:  # the same file twice: no folder tells them apart
+            stems = [p.stem for p in paths]
+            break
+        stems = longer
+    seen: dict[str, int] = {}
+    for i, s in enumerate(stems):  # the same file given twice: number the repeats
+        seen[s] = seen.get(s, 0) + 1
+        if seen[s] > 1:
+            stems[i] = f"{s}-{seen[s]}"
+    return stems
 
 
 @app.command()

@@ -150,9 +150,17 @@ def resolve(preset: str = "", files: list[Path] = (), overrides: list[str] = ())
         if not f.is_file():
             raise UserError(f"config file {f} does not exist")
         try:
-            _merge(data, json.loads(f.read_text()), "", problems)
+            loaded = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"config file {f} is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise UserError(f"config file {f} is not valid JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(
+                f"config file {f} must hold a JSON object of setting groups, "
+                f"not a {type(loaded).__name__}"
+            )
+        _merge(data, loaded, "", problems)
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r} is not key.path=value")
@@ -177,6 +185,25 @@ def _check(cfg: TrainConfig | None, problems: list[str]) -> None:
         return
     if cfg.optim.name not in ("sgd", "adamw"):
         problems.append("optim.name must be sgd or adamw")
+    for name, value, low in (
+        ("optim.max_steps", cfg.optim.max_steps, 0),
+        ("optim.epochs", cfg.optim.epochs, 0),
+        ("optim.weight_decay", cfg.optim.weight_decay, 0),
+        ("optim.momentum", cfg.optim.momentum, 0),
+        ("optim.grad_clip", cfg.optim.grad_clip, 0),
+        ("data.absent", cfg.data.absent, 0),
+        ("data.workers", cfg.data.workers, 0),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, 1),
+        ("data.image_size", cfg.data.image_size, 8),
+        ("run.log_every", cfg.run.log_every, 1),
+        ("run.save_every", cfg.run.save_every, 0),
+    ):
+        if value < low:
+            problems.append(f"{name} must be at least {low}, not {value}")
+    if not cfg.optim.lr > 0:
+        problems.append(f"optim.lr must be positive, not {cfg.optim.lr}")
+    if cfg.optim.momentum >= 1:
+        problems.append(f"optim.momentum must be below 1, not {cfg.optim.momentum}")
     if cfg.data.batch_size < 1 or cfg.data.max_labels < 1:
         problems.append("data.batch_size and data.max_labels must be at least 1")
     if cfg.optim.epochs < 1 and cfg.optim.max_steps < 1:

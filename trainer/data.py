@@ -47,6 +47,15 @@ def find_shards(folder: str | Path) -> ShardSet:
     return ShardSet(urls=urls, samples=sum(counts.values()))
 
 
+def valid_labels(labels: object) -> bool:
+    """A sample's labels: a non-empty list of non-blank strings."""
+    return (
+        isinstance(labels, list)
+        and len(labels) > 0
+        and all(isinstance(x, str) and x.strip() for x in labels)
+    )
+
+
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -113,8 +122,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except Exception:  # a corrupt image or json: skip it, the batch counts it
             return None
-        if not labels:
-            return None
+        if not valid_labels(labels):
+            return None  # a string ("tree" would train on t, r, e), numbers, nulls, blanks
+        if not isinstance(caption, str):
+            caption = ""
         if len(labels) > self.max_labels:
             labels = rng.sample(labels, self.max_labels)
         if img.size != (self.size, self.size):

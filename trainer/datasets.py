@@ -145,11 +145,18 @@ def read_classnames(path: Path) -> list[list[str]]:
     """One class a line (``#`` comments skipped); ", " separates synonyms."""
     if not Path(path).is_file():
         raise UserError(f"class file {path} does not exist")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"class file {path} is not UTF-8 text") from None
     classes = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            classes.append([n.strip() for n in line.split(",") if n.strip()])
+            names = [n.strip() for n in line.split(",") if n.strip()]
+            if not names or any(not n.isprintable() for n in names):
+                raise UserError(f"class file {path} line {lineno} holds no usable class name")
+            classes.append(names)
     if not classes:
         raise UserError(f"class file {path} lists no classes")
     return classes
@@ -173,7 +180,7 @@ class Dataset:
         try:
             image = Image.open(sample.image).convert("RGB")
             label = np.asarray(Image.open(sample.label))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read {sample.image.name} / {sample.label.name}: {e}") from None
         if label.ndim != 2:
             raise UserError(f"label {sample.label} is not a single-channel class map")
@@ -193,6 +200,8 @@ def open_dataset(
 ) -> Dataset:
     if name not in SPECS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(SPECS)}")
+    if limit < 0:
+        raise UserError(f"--limit must be 0 (all images) or more, not {limit}")
     spec, root = SPECS[name], Path(root)
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist")
@@ -211,7 +220,9 @@ def open_dataset(
     if classes is None:
         classes = root / "classes.txt" if name == "world" else CLASSNAMES / f"{name}.txt"
     names = read_classnames(Path(classes))
-    expected = spec.num_classes or len(names)
+    expected = spec.num_classes
+    if not expected:  # the world: as many classes as the world itself lists
+        expected = len(read_classnames(root / "classes.txt"))
     if len(names) != expected:
         raise UserError(
             f"class file {classes} has {len(names)} classes; {name} labels have {expected}"

@@ -112,7 +112,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer.datasets import open_dataset
 from trainer.infer import InferConfig, Segmenter, read_templates
@@ -38,6 +39,16 @@ class EvalConfig:
     output: str | None = None  # where results go (default: beside the checkpoint)
     device: str = "auto"
     seed: int = 0  # fresh decoder weights of an untrained model
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("limit", "short_side", "window", "stride"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must not be negative")
+        if not 0 <= self.bg_threshold <= 1:
+            problems.append("--bg-threshold must be in [0, 1]")
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.cores import available_cores
 from pipeline.errors import UserError
 from pipeline.fsutil import write_json
 from trainer import checkpoint
@@ -68,9 +69,19 @@ def _setup_distributed(device_wanted: str) -> tuple[_Dist, torch.device]:
             raise UserError("run.device is cuda but no CUDA device is available")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(env))
     if env.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return env, device
+
+
+def cpu_threads(env: _Dist) -> int:
+    """Threads for this process's CPU math: the cores it may use shared among the processes
+    torchrun started on this machine. torch's default (every core in every process) makes
+    processes and data workers fight over the cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world))
+    return max(1, available_cores() // max(1, local))
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -193,6 +204,13 @@ def run_train(
         else contextlib.nullcontext
     )
 
+    stats = TrainStats(start_step=start_step, steps=start_step, total_steps=total)
+    if start_step >= total:
+        # Already there (a resume of a finished run): train nothing, log nothing, and say so.
+        stats.checkpoint = str(ckpt_dir)
+        if env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        return stats
     if env.main:
         run.mkdir(parents=True, exist_ok=True)
         write_json(run / "config.json", cfg.to_dict())
@@ -207,7 +225,6 @@ def run_train(
         env.rank,
         env.world,
     )
-    stats = TrainStats(start_step=start_step, steps=start_step, total_steps=total)
     model.train()
     t0, seen = time.time(), 0
     step = start_step

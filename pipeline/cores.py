@@ -1,0 +1,20 @@
+"""How many processes a stage uses by default: one per core this process may run on."""
+
+from __future__ import annotations
+
+import os
+
+MAX_DEFAULT_PROCESSES = 8  # past this a default would surprise on a shared machine
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_processes(requested: int) -> int:
+    """``requested`` if set (> 0), else one process per available core, at most 8."""
+    return requested if requested > 0 else min(available_cores(), MAX_DEFAULT_PROCESSES)
