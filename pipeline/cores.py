@@ -18,3 +18,11 @@ def available_cores() -> int:
 def default_processes(requested: int) -> int:
     """``requested`` if set (> 0), else one process per available core, at most 8."""
     return requested if requested > 0 else min(available_cores(), MAX_DEFAULT_PROCESSES)
+
+
+def worker_ignores_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group, but only the parent should
+    handle it (it stops the pool and prints one line), not every worker with a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -236,19 +236,24 @@ def summarize(raw: Path) -> tuple[int, int, dict[str, int]]:
 
 @contextlib.contextmanager
 def _output_to(log: Path | None) -> Iterator[None]:
-    """Send this process's and its children's stdout/stderr to ``log`` (at the fd level)."""
+    """Send this process's and its children's stdout/stderr to ``log``: at the fd level, and
+    as Python's sys.stdout/sys.stderr too (which an embedding program may have replaced)."""
     if log is None:
         yield
         return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with log.open("ab") as f:
+    saved_streams = sys.stdout, sys.stderr
+    with log.open("ab") as f, log.open("a", buffering=1) as text:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = text
         try:
             yield
         finally:
+            text.flush()
+            sys.stdout, sys.stderr = saved_streams
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)

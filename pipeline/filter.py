@@ -24,7 +24,7 @@ from pathlib import Path
 import ahocorasick
 import pyarrow as pa
 
-from pipeline.cores import default_processes
+from pipeline.cores import default_processes, worker_ignores_sigint
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     check_done,
@@ -342,7 +342,9 @@ def _filter_all(
     with contextlib.ExitStack() as stack:
         if cfg.processes > 1 and len(shards) > 1 and large:
             ctx = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(ctx.Pool(min(cfg.processes, len(shards))))
+            pool = stack.enter_context(
+                ctx.Pool(min(cfg.processes, len(shards)), initializer=worker_ignores_sigint)
+            )
             results = pool.imap(job, shards)
         else:
             results = map(job, shards)

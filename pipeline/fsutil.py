@@ -18,15 +18,19 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode a plain open() would give a new file under the current umask."""
+    try:  # Linux states it without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
-# Files are made by mkstemp with mode 0600; they get the mode a plain open() would have given,
-# so outputs on shared storage stay readable by the group and others the umask allows.
-_FILE_MODE = 0o666 & ~_umask()
 TMP_SUFFIX = ".tmp"  # every temporary name starts with "." and ends with this
 
 
@@ -39,7 +43,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
+    # mkstemp makes the file 0600; give it the umask's mode, so outputs on shared storage
+    # stay readable by the group and others the umask allows.
+    os.fchmod(fd, file_mode())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -183,7 +189,7 @@ def write_record(artifact: Path, config: dict[str, Any], stats: dict[str, Any]) 
 
 
 def ensure_output_dir(path: Path, marker_glob: str, what: str) -> None:
-    """Create ``path``, refusing a non-empty folder that holds nothing this stage wrote."""
+    """Refuse a non-empty folder that holds nothing this stage wrote (``output_dir`` makes it)."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder")
     if path.exists():
@@ -193,4 +199,3 @@ def ensure_output_dir(path: Path, marker_glob: str, what: str) -> None:
                 f"{what} {path} already holds other files ({entries[0].name}, ...); "
                 "choose an empty or new folder"
             )
-    path.mkdir(parents=True, exist_ok=True)

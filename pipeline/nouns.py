@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.cores import default_processes
+from pipeline.cores import default_processes, worker_ignores_sigint
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -140,6 +140,7 @@ _WORKER_NLP = None
 
 def _init_worker(model: str) -> None:
     global _WORKER_NLP
+    worker_ignores_sigint()
     _WORKER_NLP = load_nlp(model)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.cores import default_processes
+from pipeline.cores import default_processes, worker_ignores_sigint
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -327,7 +327,9 @@ def _pack_all(
         on_start(len(todo))
     job = PackShard(cfg)
     if cfg.processes > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(cfg.processes, len(todo))) as pool:
+        ctx = multiprocessing.get_context("spawn")
+        n = min(cfg.processes, len(todo))
+        with ctx.Pool(n, initializer=worker_ignores_sigint) as pool:
             results = []
             for r in pool.imap_unordered(job, todo):
                 results.append(r)

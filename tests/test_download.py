@@ -213,6 +213,17 @@ def test_retry_failed_fetches_only_the_failures(world, tmp_path):
     got = successes(out)
     assert len(got) == len(set(got)) == kinds.count("ok")
 
+    # The status report counts uids by their best outcome, not rows: a uid that failed first
+    # and succeeded on retry is one success, and a dead URL tried twice is one failure.
+    from pipeline.inspect import InspectConfig, run_inspect
+
+    res = run_inspect(InspectConfig(report="download-status", raw=out, limit=50))
+    by_status: dict[str, int] = {}
+    for status, _, n in res.rows:
+        by_status[status] = by_status.get(status, 0) + n
+    assert res.columns == ["status", "error", "uids"]
+    assert by_status == {"success": kinds.count("ok"), "failed": dead}
+
 
 def test_retry_needs_a_finished_download(world, tmp_path):
     with pytest.raises(UserError, match="not finished"):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pipeline.cores import available_cores
 from pipeline.errors import UserError
-from pipeline.fsutil import write_json
+from pipeline.fsutil import atomic_path, write_json
 from trainer import checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import ShardStream, find_shards, loader
@@ -339,7 +339,8 @@ class _Metrics:
                 for line in path.read_text().splitlines()
                 if line and json.loads(line)["step"] <= start_step
             ]
-            path.write_text("".join(f"{line}\n" for line in kept))
+            with atomic_path(path) as tmp:  # a kill here must not lose the kept lines
+                tmp.write_text("".join(f"{line}\n" for line in kept))
         self.file = path.open("a")
         if tensorboard:
             try:
