@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/filter.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/threads.py
 
 lock:  ## refresh requirements/cpu.lock from pyproject.toml and constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)-lock
