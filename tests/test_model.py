@@ -1,5 +1,7 @@
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +128,93 @@ def test_random_backbone_is_rebuilt_identically_from_its_seed():
         torch.equal(x, y)
         for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values(), strict=True)
     )
+
+
+def _cubic_1d(a: np.ndarray, out: int, axis: int) -> np.ndarray:
+    """Bicubic resampling along one axis as torch does it (Keys' kernel with A = -0.75,
+    align_corners=False, source positions unclamped, samples clamped at the border)."""
+    A, n = -0.75, a.shape[axis]
+
+    def near(x):  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    rows = []
+    for d in range(out):
+        src = n / out * (d + 0.5) - 0.5
+        i = math.floor(src)
+        t = src - i
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        idx = [min(max(i + k, 0), n - 1) for k in (-1, 0, 1, 2)]
+        rows.append(sum(w * np.take(a, j, axis=axis) for w, j in zip(weights, idx, strict=True)))
+    return np.stack(rows, axis=axis)
+
+
+def test_position_embeddings_resize_like_a_direct_bicubic_on_a_non_square_grid(backbone):
+    bb = copy.deepcopy(backbone).double()
+    pos = bb.model.visual.positional_embedding  # (1 + 8*8, W)
+    with torch.no_grad():
+        pos.copy_(
+            torch.randn(pos.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        )
+    g, width = 8, pos.shape[1]
+    grid = pos[1:].detach().numpy().reshape(g, g, width)  # (rows, cols, W)
+    want = _cubic_1d(_cubic_1d(grid, 6, axis=0), 11, axis=1).reshape(6 * 11, width)
+    got = bb._position_embedding(6, 11).detach()
+    torch.testing.assert_close(got[0], pos[0].detach(), rtol=0, atol=0)  # CLS kept as it is
+    np.testing.assert_allclose(got[1:].numpy(), want, rtol=0, atol=1e-12)
+
+    # The taps of a 48 x 88 image (a 6 x 11 patch grid) use exactly that embedding, rows first.
+    x = torch.rand(1, 3, 48, 88, dtype=torch.float64)
+    v = bb.model.visual
+    tokens = v.conv1(x).flatten(2).transpose(1, 2)  # (1, 66, W), row-major patches
+    cls = v.class_embedding.view(1, 1, -1)
+    z = torch.cat([cls, tokens], dim=1) + torch.cat([pos[:1], torch.from_numpy(want)], dim=0)
+    z = v.ln_pre(z)
+    for i, block in enumerate(v.transformer.resblocks[:4]):
+        z = block(z)
+        if i == 1:
+            first_tap = z
+    with torch.no_grad():
+        torch.testing.assert_close(bb.visual_taps(x)[0], first_tap.detach(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("projector_input", ["visual", "conditioned"])
+def test_synergy_vectors_equal_a_direct_computation(backbone, projector_input):
+    """Non-square images, random (non-unit) maps: which tokens the projector reads, how maps
+    are pooled to the patch grid and how they weigh the features, checked against loops."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, projector_input=projector_input, dropout=0.0)
+    model = SynSeg(cfg, copy.deepcopy(backbone)).double().eval()
+    B, N, h, w, p = 2, 3, 8, 6, 8
+    images = torch.rand(B, 3, h * p, w * p, dtype=torch.float64)
+    text = torch.randn(B, N, model.backbone.embed_dim, dtype=torch.float64)
+    with torch.no_grad():
+        out = model.forward_train(images, text)
+        taps = model.backbone.visual_taps((images - model.mean) / model.std)
+        deepest = model.decoder.reduces[0](taps[-1])  # (B, 1 + h*w, r), CLS first
+        f_want = torch.zeros(B, N, text.shape[-1], dtype=torch.float64)
+        fbar_want = torch.zeros_like(f_want)
+        for b in range(B):
+            for n in range(N):
+                t = text[b, n]
+                tokens = deepest[b]
+                if projector_input == "conditioned":
+                    tokens = model.decoder.film_mul(t) * tokens + model.decoder.film_add(t)
+                grid = torch.zeros(tokens.shape[-1], h, w, dtype=torch.float64)
+                for k in range(h * w):  # patch k is row k // w, column k % w
+                    grid[:, k // w, k % w] = tokens[1 + k]
+                feats = model.projector(grid[None])[0]  # (d, h, w)
+                prob = torch.sigmoid(out.logits[b, n])  # (h*p, w*p)
+                num, den, num_bg, den_bg = 0, 0, 0, 0
+                for i in range(h):
+                    for j in range(w):
+                        m = prob[i * p : (i + 1) * p, j * p : (j + 1) * p].mean()
+                        num, den = num + m * feats[:, i, j], den + m
+                        num_bg, den_bg = num_bg + (1 - m) * feats[:, i, j], den_bg + (1 - m)
+                f_want[b, n] = num / (den + 1e-6)
+                fbar_want[b, n] = num_bg / (den_bg + 1e-6)
+    torch.testing.assert_close(out.f, f_want, rtol=0, atol=1e-9)
+    torch.testing.assert_close(out.fbar, fbar_want, rtol=0, atol=1e-9)

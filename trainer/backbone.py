@@ -91,8 +91,11 @@ class FrozenCLIP(nn.Module):
         if (grid_h, grid_w) == (g, g):
             return pos
         grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
+        # Resampled in float32 at least (bicubic in half precision loses digits), never lower
+        # than the weights' own precision.
+        work = torch.promote_types(grid.dtype, torch.float32)
         grid = F.interpolate(
-            grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+            grid.to(work), size=(grid_h, grid_w), mode="bicubic", align_corners=False
         )
         grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
         return torch.cat([pos[:1], grid], dim=0)
