@@ -158,3 +158,52 @@ def test_bad_inputs(nouns, tmp_path):
         FilterConfig(match="fuzzy")
     with pytest.raises(UserError, match="allow-list"):
         run_filter(FilterConfig(nouns=nouns, output=tmp_path / "l", allow=tmp_path / "none.txt"))
+
+
+def test_the_recorded_term_is_the_first_that_ends_and_the_first_list_wins(tmp_path):
+    (tmp_path / "a.txt").write_text("view\nphoto\n")
+    (tmp_path / "b.txt").write_text("stock\nphoto\n")
+    nouns = tmp_path / "nouns"
+    nouns.mkdir()
+    pq.write_table(
+        table([["stock photo view"], ["photo view", "dog"], ["top view"]]), nouns / "00000.parquet"
+    )
+    expected = {  # phrase -> (term, list): the term whose match ends first in the phrase
+        "stock photo view": "stock",
+        "photo view": "photo",
+        "top view": "view",
+    }
+    for order, photo_list in (
+        ([tmp_path / "a.txt", tmp_path / "b.txt"], "a"),
+        ([tmp_path / "b.txt", tmp_path / "a.txt"], "b"),
+    ):
+        out = tmp_path / f"out-{photo_list}"
+        run_filter(FilterConfig(exclude=[str(p) for p in order], nouns=nouns, output=out))
+        rows = pq.read_table(out / "00000.parquet").to_pylist()
+        got = {d["phrase"]: (d["term"], d["list"]) for r in rows for d in r["dropped"]}
+        lists = {"stock": "b", "view": "a", "photo": photo_list}  # a term in both: first given
+        assert got == {p: (t, lists[t]) for p, t in expected.items()}
+        assert [r["labels"] for r in rows] == [[], ["dog"], []]
+
+
+def test_top_k_is_the_k_most_frequent_labels_after_exclusion(tmp_path):
+    # Counts before exclusion: photo 6 (excluded), dog 4, tree 3, cat 3, car 2.
+    (tmp_path / "x.txt").write_text("photo\n")
+    rows = (
+        [["photo", "dog"]] * 3
+        + [["photo", "dog", "tree"]]
+        + [["photo", "cat"]] * 2
+        + [["tree"], ["tree", "car"], ["cat"], ["car"]]
+    )
+    nouns = tmp_path / "nouns"
+    nouns.mkdir()
+    pq.write_table(table(rows[:5]), nouns / "00000.parquet")
+    t2 = table(rows[5:])
+    t2 = t2.set_column(0, "uid", pa.array([f"v{i}" for i in range(len(rows) - 5)]))
+    pq.write_table(t2, nouns / "00001.parquet")
+    out = tmp_path / "labels"
+    run_filter(FilterConfig(exclude=[str(tmp_path / "x.txt")], nouns=nouns, output=out, top_k=2))
+    # dog 4, then cat and tree tie at 3: ties go by name, so cat. 'photo' never counts.
+    assert __import__("json").loads((out / "_allow.json").read_text()) == ["cat", "dog"]
+    kept = [r["kept"] for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert kept == [True] * 4 + [True] * 2 + [False, False, True, False]

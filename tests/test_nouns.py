@@ -141,3 +141,32 @@ def test_bad_inputs(tmp_path, raw):
         run_extract_nouns(NounsConfig(raw=tmp_path / "empty", output=tmp_path / "n"))
     with pytest.raises(UserError, match="not installed"):
         run_extract_nouns(NounsConfig(raw=raw, output=tmp_path / "n2", model="xx_no_such_model"))
+
+
+PERSON_CAPTIONS = {  # CC12M's name placeholder in its usual places, and a word that only starts so
+    "actor <PERSON> arrives at the premiere": ["actor person", "premiere"],
+    "<PERSON>": ["person"],
+    "<person> and <PERSON> at the beach": ["person", "beach"],
+    "Portrait of < PERSON > with a dog": ["portrait", "person", "dog"],
+    "the <PERSONAL> trainer": ["trainer"],
+}
+
+
+def test_person_placeholders_become_a_noun(nlp):
+    cleaned = [clean_caption(c) for c in PERSON_CAPTIONS]
+    assert cleaned == [
+        "actor person arrives at the premiere",
+        "person",
+        "person and person at the beach",
+        "Portrait of person with a dog",
+        "the <PERSONAL> trainer",
+    ]
+    assert dict(zip(PERSON_CAPTIONS, extract(nlp, cleaned), strict=True)) == PERSON_CAPTIONS
+
+
+def test_captions_are_cut_after_the_placeholder_is_mapped():
+    caption = "a " * 498 + "<PERSON> with a dog"  # 1015 characters
+    assert clean_caption(caption, 1000) == ("a " * 498 + "person with a dog")[:1000]
+    assert clean_caption(caption, 1000).endswith("pers")
+    assert clean_caption("<PERSON> " * 3, 12) == "person perso"
+    assert clean_caption(None) == "" and clean_caption("") == ""

@@ -93,3 +93,49 @@ def test_bad_inputs(raw, labels, tmp_path):
         run_pack(PackConfig(raw=raw, labels=partial, output=tmp_path / "s"))
     with pytest.raises(UserError, match="--resize"):
         PackConfig(resize="squash")
+
+
+def _raw_sources(raw):
+    """key -> (uid, caption, decoded source image) from the raw shards themselves."""
+    from PIL import Image
+
+    uids = {
+        r["key"]: r["uid"]
+        for p in raw.glob("[0-9]*.parquet")
+        for r in pq.read_table(p, columns=["key", "uid"]).to_pylist()
+    }
+    out = {}
+    for t in raw.glob("[0-9]*.tar"):
+        with tarfile.open(t) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name, data in files.items():
+            if name.endswith(".jpg"):
+                key = name[: -len(".jpg")]
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+                out[key] = (uids[key], files[f"{key}.txt"].decode(), img)
+    return out
+
+
+def test_every_sample_carries_its_own_image_caption_and_labels(raw, labels, shards):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    sources = _raw_sources(raw)
+    by_key = {r["key"]: r for p in labels.glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    samples = read_back(shards)
+    keys = sorted(sources)
+    rng = np.random.default_rng(0)
+    for s in samples:
+        meta = s["json"]
+        uid, caption, src = sources[meta["key"]]
+        assert meta["uid"] == uid == s["__key__"]
+        assert meta["caption"] == caption
+        assert meta["labels"] == by_key[meta["key"]]["labels"]
+        got = np.asarray(s["jpg"], dtype=np.float64)
+        want = np.asarray(ImageOps.fit(src, (48, 48), Image.BICUBIC), dtype=np.float64)
+        own = np.abs(got - want).mean()
+        assert own < 6, "the packed image is its source, resized (JPEG noise only)"
+        for other in rng.choice(keys, 8, replace=False):
+            if other != meta["key"]:
+                alt = np.asarray(ImageOps.fit(sources[other][2], (48, 48), Image.BICUBIC), float)
+                assert np.abs(got - alt).mean() > own, f"{meta['key']} looks like {other}"
