@@ -172,11 +172,45 @@ def test_two_process_torchrun_on_cpu(shards, tmp_path):
         "3",
         "--set",
         "data.batch_size=4",
+        "--set",
+        "run.save_every=1",  # every checkpoint checks that the ranks hold the same weights
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000003"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step-0000001",
+        "step-0000002",
+        "step-0000003",
+    ]
     assert len(losses(out)) == 3
     saved = json.loads((out / "checkpoints/step-0000003/config.json").read_text())
     assert saved["config"]["data"]["batch_size"] == 4
+
+
+def test_resume_is_exact_with_dropout_and_absent_negatives(shards, tmp_path):
+    """Dropout and the absent-category draw use random numbers and the label cache's
+    vocabulary: a resumed run must draw the same as an uninterrupted one."""
+    extra = (
+        "model.dropout=0.3",
+        "data.absent=2",
+        "loss.neg=1",
+        "run.save_every=3",
+        "run.log_every=1",
+    )
+    straight = run_train(tiny(shards, tmp_path / "straight", "optim.max_steps=7", *extra))
+    assert straight.loss["neg"] > 0, "absent negatives were drawn"
+    run_train(tiny(shards, tmp_path / "split", "optim.max_steps=3", *extra))
+    resumed = run_train(tiny(shards, tmp_path / "split", "optim.max_steps=7", *extra), resume=True)
+    assert resumed.start_step == 3 and resumed.steps == 7
+    assert [r["loss"] for r in losses(tmp_path / "split")] == [
+        r["loss"] for r in losses(tmp_path / "straight")
+    ]
+    for k, v in weights(tmp_path / "straight", 7).items():
+        torch.testing.assert_close(weights(tmp_path / "split", 7)[k], v, rtol=0, atol=1e-6)
+    # Dropout is really on: the same step without it gives another loss.
+    no_drop = run_train(
+        tiny(shards, tmp_path / "nodrop", "optim.max_steps=1", *extra[1:], "model.dropout=0")
+    )
+    assert no_drop.loss["total"] != losses(tmp_path / "straight")[0]["loss"]["total"]

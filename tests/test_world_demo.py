@@ -4,6 +4,7 @@ import json
 
 from pipeline.serve import free_port
 from trainer.demo import ABLATIONS, WorldDemoConfig, run_world_demo
+from trainer.report import mccl_verdict
 
 
 def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -46,7 +47,15 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         assert (report / name).is_file(), name
     text = (report / "report.md").read_text()
     assert "| CLIPSeg-style init |" in text and "## IoU per class" in text and "| grass |" in text
-    assert ("raised mIoU" in text) or ("lowered mIoU" in text)
+    # The sentence states what the table shows, whichever way it went.
+    by = {r["model"]: r["mIoU"] for r in result.table}
+    delta = 100 * (by["MCCL (SynSeg)"] - by["CLIPSeg-style init"])
+    assert f"MCCL training {mccl_verdict(delta)} over" in text
+    assert mccl_verdict(0.04) == "left mIoU unchanged (within 0.05 points)"
+    assert mccl_verdict(1.26) == "raised mIoU by 1.3 points"
+    assert mccl_verdict(-0.3) == "lowered mIoU by 0.3 points"
+    for r in result.table:  # every row of the table is in the report with its figure
+        assert f"| {r['model']} | {100 * r['mIoU']:.1f} |" in text
     overlays = sorted(p.name for p in (report / "pictures").rglob("*_overlay.png"))
     assert len(overlays) == 6  # 3 val images x (CLIPSeg-style, MCCL)
     saved = json.loads((report / "results.json").read_text())

@@ -8,6 +8,14 @@ from pathlib import Path
 from pipeline.fsutil import atomic_path, write_json
 
 
+def mccl_verdict(delta_points: float) -> str:
+    """The report's words for a change of mIoU, as it is printed (one decimal)."""
+    shown = round(delta_points, 1)
+    if shown == 0:
+        return "left mIoU unchanged (within 0.05 points)"
+    return f"{'raised' if shown > 0 else 'lowered'} mIoU by {abs(shown):.1f} points"
+
+
 def _pct(x) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
@@ -146,15 +154,15 @@ def write_report(
     init_row, mccl_row = by.get("CLIPSeg-style init"), by.get("MCCL (SynSeg)")
     if init_row and mccl_row:
         delta = 100 * (mccl_row["mIoU"] - init_row["mIoU"])
-        verb = "raised" if delta > 0 else "lowered"
+        verb = mccl_verdict(delta)
         lines += [
-            f"MCCL training {verb} mIoU by {abs(delta):.1f} points over its CLIPSeg-style starting point "
+            f"MCCL training {verb} over its CLIPSeg-style starting point "
             f"({_pct(init_row['mIoU'])} -> {_pct(mccl_row['mIoU'])}) in {_steps(runs['MCCL (SynSeg)'])} steps "
             f"(one epoch of the packed shards, at most {cfg['mccl_steps']}), AdamW lr {cfg['mccl_lr']}, "
             f"batch {cfg['batch_size']}, loss weights 1/1/10/1, label cap 4. "
             + (
                 ""
-                if delta > 0
+                if round(delta, 1) > 0
                 else "This is reported as measured; the evaluation was not tuned to hide it. "
             ),
             "",

@@ -301,8 +301,24 @@ def run_train(
     return stats
 
 
+def _check_ranks_agree(model, env: _Dist, step: int) -> None:
+    """Every rank must hold the same weights (DDP averages the gradients): compare a checksum
+    of the trainable weights before the main rank saves them for all."""
+    if env.world == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in model.trainable_parameters()]).sum()
+    sums = [torch.zeros_like(total) for _ in range(env.world)]
+    dist.all_gather(sums, total)
+    if any(not torch.isclose(s, sums[0], rtol=1e-9, atol=1e-9) for s in sums):
+        raise RuntimeError(
+            f"ranks hold different weights at step {step} "
+            f"({', '.join(f'{s.item():.9g}' for s in sums)}): gradients are not synchronised"
+        )
+
+
 def _save(run, step, model, opt, epoch, cfg, cache, env) -> str:
     path = ""
+    _check_ranks_agree(model, env, step)
     if env.main:
         cache.save()
         path = str(
