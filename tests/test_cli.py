@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from cli_checks import one_error_line
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -12,14 +13,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, needle):
-    assert result.exit_code == 1, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_checks import one_error_line
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -39,14 +40,6 @@ PACK = dict(image_size=48, max_count=25)  # the settings of the session's `shard
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, needle):
-    assert result.exit_code == 1, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def copy(src: Path, dst: Path) -> Path:

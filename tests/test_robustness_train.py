@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_error_line
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,14 +32,6 @@ CLASSES = "grass,sand,water,snow,ball,kite,house,tree,car,fish"
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, needle):
-    assert result.exit_code == 1, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def tiny(shards, out, *extra):
