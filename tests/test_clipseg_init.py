@@ -37,3 +37,27 @@ def test_clipseg_style_stage_learns_and_saves_clipseg_layout(world, tmp_path):
     fresh = SynSeg(ModelConfig(**TINY))
     assert load_decoder_state(fresh.decoder, weights) == "clipseg"  # loads like CLIPSeg's release
     assert run_clipseg_init(cfg).reused
+
+    # What was saved is the trained decoder: on the whole ref split, every class a prompt, its
+    # masks fit the ground truth better than the decoder it started from (computed here, from
+    # the file, not from the stage's own log).
+    def split_bce(model) -> float:
+        images, labels, classes = load_split(world, "ref", 64)
+        text = model.backbone.encode_text([cfg.template.format(c) for c in classes])
+        with torch.no_grad():
+            logits = model.eval().forward_train(images, text[None].expand(len(images), -1, -1))
+        target = (labels[:, None] == torch.arange(len(classes))[None, :, None, None]).double()
+        valid = (labels != 255)[:, None].expand_as(target).double()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.logits.double(), target, reduction="none"
+        )
+        return float((bce * valid).sum() / valid.sum())
+
+    torch.manual_seed(cfg.seed)
+    start = SynSeg(ModelConfig(**TINY))  # the stage's starting point (same seed)
+    changed = [k for k, v in start.decoder.state_dict().items() if not torch.equal(v, weights[k])]
+    assert len(changed) == len(weights) - sum("num_batches" in k for k in weights)
+    before = split_bce(start)
+    load_decoder_state(start.decoder, weights)
+    after = split_bce(start)
+    assert after < 0.8 * before, (before, after)

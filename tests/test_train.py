@@ -77,6 +77,15 @@ def test_loss_terms_are_finite_and_fall(full_run):
         assert all(torch.isfinite(torch.tensor(v)) for v in r["loss"].values())
     first, last = log[0]["loss"]["total"], sum(r["loss"]["total"] for r in log[-2:]) / 2
     assert last < first
+    # The logged total is the weighted sum of the logged terms (the paper's 1/1/10/1), and
+    # each term is a value of its own (not one number copied into every field).
+    for r in log:
+        t = r["loss"]
+        assert t["total"] == pytest.approx(
+            t["align"] + t["cont"] + 10 * t["back"] + t["sep"], abs=1e-5
+        )
+        assert len({round(t[k], 6) for k in ("align", "cont", "back", "sep")}) == 4
+    assert len({r["loss"]["total"] for r in log}) == len(log), "a new value every step"
 
 
 def test_resume_continues_at_the_next_step_with_the_same_result(full_run, shards, tmp_path):
