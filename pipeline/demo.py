@@ -66,10 +66,17 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str, Any], None] | None = None
         ),
     )
     with serving(cfg.world, load_world(cfg.world)["port"]):
-        # The command line's download defaults, so a later `synseg-data download` resumes it.
+        # The command line's download settings, so a later `synseg-data download` resumes it;
+        # fewer threads and a longer timeout than its defaults, because the server shares this
+        # machine: on two loaded cores, 64 threads and 10 s let a few dozen requests time out,
+        # and which ones did would change the world's data, hence every figure downstream.
         done(
             "download",
-            run_download(DownloadConfig(url_list=cfg.world / "cc12m.tsv", output=cfg.raw)),
+            run_download(
+                DownloadConfig(
+                    url_list=cfg.world / "cc12m.tsv", output=cfg.raw, threads=16, timeout=30
+                )
+            ),
         )
     done(
         "extract-nouns",

@@ -249,3 +249,21 @@ def test_picture_stems():
     ]
     assert picture_stems([Path("q/a/x.jpg"), Path("r/a/x.jpg")]) == ["q_a_x", "r_a_x"]
     assert picture_stems([Path("a/x.jpg"), Path("a/x.jpg")]) == ["x", "x-2"]
+
+
+def test_a_resumed_run_removes_what_a_killed_one_left(shards, tmp_path):
+    out = tmp_path / "run"
+    run_train(tiny(shards, out, "optim.max_steps=1"))
+    stale = [
+        out / ".config.json.k1ll3d.tmp",
+        out / ".metrics.jsonl.k1ll3d.tmp",
+        out / "text_cache" / ".0123abcd.safetensors.k1ll3d.tmp",
+        out / "checkpoints" / ".step-0000002.tmp",
+    ]
+    for p in stale[:3]:
+        p.write_text("half")
+    stale[3].mkdir()
+    stats = run_train(tiny(shards, out, "optim.max_steps=2"), resume=True)
+    assert stats.start_step == 1 and stats.steps == 2
+    assert not [p for p in stale if p.exists()]
+    assert not list(out.rglob(".*.tmp"))

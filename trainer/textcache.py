@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, clean_stale
 
 
 def backbone_id(backbone) -> str:
@@ -64,6 +64,7 @@ class LabelCache:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.folder)  # what a process killed while saving left behind
         with atomic_path(self.path) as tmp:
             save_file({"embeddings": self.table.contiguous()}, str(tmp))
         phrases = sorted(self.index, key=self.index.get)

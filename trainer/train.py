@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pipeline.cores import available_cores
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, write_json
+from pipeline.fsutil import atomic_path, clean_stale, write_json
 from trainer import checkpoint
 from trainer.config import TrainConfig, from_dict
 from trainer.data import ShardStream, find_shards, loader
@@ -213,6 +213,8 @@ def run_train(
         return stats
     if env.main:
         run.mkdir(parents=True, exist_ok=True)
+        for folder in (run, run / "checkpoints"):
+            clean_stale(folder)  # temporaries of a run that was killed
         write_json(run / "config.json", cfg.to_dict())
     metrics = _Metrics(run, start_step, env.main, cfg.run.tensorboard)
     stream = ShardStream(
