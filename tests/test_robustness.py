@@ -269,13 +269,24 @@ def test_ctrl_c_in_download_exits_non_zero(world, tmp_path, monkeypatch):
     one_error_line(result, "unfinished")
 
 
+def cli_within(seconds: float, *args):
+    """``cli(*args)`` in a thread: a command that starts serving instead of refusing fails the
+    test after ``seconds`` rather than hanging the suite."""
+    result = []
+    t = threading.Thread(target=lambda: result.append(cli(*args)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert result, f"`{' '.join(map(str, args))}` did not return within {seconds} s"
+    return result[0]
+
+
 def test_serve_touches_nothing_when_it_cannot_serve(world, served, tmp_path):
     w = copy(world, tmp_path / "world")
     before = {p: sha1(w / p) for p in ("cc12m.tsv", "world.json")}
     busy = load_world(w)["port"]  # the session's server holds it
-    one_error_line(cli("serve", "--world", w), "cannot listen")
-    one_error_line(cli("serve", "--world", w, "--port", free_port()), "new uids")
-    one_error_line(cli("serve", "--world", w, "--port", 99999), "1..65535")
+    one_error_line(cli_within(30, "serve", "--world", w), "cannot listen")
+    one_error_line(cli_within(30, "serve", "--world", w, "--port", free_port()), "new uids")
+    one_error_line(cli_within(30, "serve", "--world", w, "--port", 99999), "1..65535")
     assert {p: sha1(w / p) for p in before} == before
     assert load_world(w)["port"] == busy
 
