@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_DEFAULT_PROCESSES = 8  # past this a default would surprise on a shared machine
 
@@ -26,3 +32,14 @@ def worker_ignores_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def parallel_map(job: Callable[[T], R], items: Sequence[T], processes: int) -> Iterator[R]:
+    """``job(item)`` for every item, in order: in spawned worker processes (Ctrl-C left to
+    the parent, which stops them) when there are several processes and items, else here."""
+    if processes > 1 and len(items) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(processes, len(items)), initializer=worker_ignores_sigint) as pool:
+            yield from pool.imap(job, items)
+    else:
+        yield from map(job, items)

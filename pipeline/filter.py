@@ -13,9 +13,7 @@ phrases with the term (and list) that dropped them, and whether the image was ke
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
-import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,12 +22,10 @@ from pathlib import Path
 import ahocorasick
 import pyarrow as pa
 
-from pipeline.cores import default_processes, worker_ignores_sigint
+from pipeline.cores import default_processes, parallel_map
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     check_done,
-    clean_stale,
-    ensure_output_dir,
     file_digest,
     output_dir,
     read_parquet,
@@ -290,9 +286,7 @@ def run_filter(
         if allow
         else None,
     }
-    ensure_output_dir(cfg.output, "*.parquet", "output")
-    with output_dir(cfg.output):
-        clean_stale(cfg.output)
+    with output_dir(cfg.output, "*.parquet"):
         if allow is not None:
             write_json(cfg.output / "_allow.json", sorted(allow))
         return _filter_all(cfg, shards, matcher, allow, settings, on_start, on_advance)
@@ -339,27 +333,18 @@ def _filter_all(
     # Matching is fast (millions of phrases/s): worker processes pay off only on large inputs,
     # where reading and writing Parquet dominates; small ones run here.
     large = sum(p.stat().st_size for p in shards) > POOL_MIN_BYTES
-    with contextlib.ExitStack() as stack:
-        if cfg.processes > 1 and len(shards) > 1 and large:
-            ctx = multiprocessing.get_context("spawn")
-            pool = stack.enter_context(
-                ctx.Pool(min(cfg.processes, len(shards)), initializer=worker_ignores_sigint)
-            )
-            results = pool.imap(job, shards)
-        else:
-            results = map(job, shards)
-        for written, out in results:
-            stats.written += written
-            stats.skipped += not written
-            stats.images += out.num_rows
-            stats.images_kept += sum(out["kept"].to_pylist())
-            left_out.update(r for r in out["reason"].to_pylist() if r)
-            stats.labels += sum(len(ls) for ls in out["labels"].to_pylist())
-            for gone in out["dropped"].to_pylist():
-                stats.phrases += len(gone)
-                by_term.update(d["term"] for d in gone if d["term"])
-            if on_advance:
-                on_advance(1)
+    for written, out in parallel_map(job, shards, cfg.processes if large else 1):
+        stats.written += written
+        stats.skipped += not written
+        stats.images += out.num_rows
+        stats.images_kept += sum(out["kept"].to_pylist())
+        left_out.update(r for r in out["reason"].to_pylist() if r)
+        stats.labels += sum(len(ls) for ls in out["labels"].to_pylist())
+        for gone in out["dropped"].to_pylist():
+            stats.phrases += len(gone)
+            by_term.update(d["term"] for d in gone if d["term"])
+        if on_advance:
+            on_advance(1)
     stats.phrases += stats.labels
     stats.images_left_out = dict(left_out.most_common())
     stats.dropped_by_term = dict(by_term.most_common(20))

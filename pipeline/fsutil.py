@@ -55,29 +55,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def clean_stale(folder: Path) -> int:
+def clean_stale(folder: Path) -> None:
     """Remove temporaries (``.*.tmp`` files and folders) a killed run left in ``folder``.
 
-    Returns how many were removed. One run per output folder at a time is assumed.
+    One run per output folder at a time is assumed.
     """
     if not folder.is_dir():
-        return 0
-    removed = 0
+        return
     for p in folder.glob(f".*{TMP_SUFFIX}"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 @contextlib.contextmanager
-def output_dir(path: Path) -> Iterator[Path]:
-    """Create ``path`` for the block; if the block fails and the folder is still empty, remove
-    it again, so a refused or failed first run leaves nothing behind."""
+def output_dir(path: Path, marker_glob: str) -> Iterator[Path]:
+    """A stage's output folder for the block: refused if it holds files but nothing matching
+    ``marker_glob`` (so not this stage's), created if missing, cleared of the temporaries a
+    killed run left; if the block fails and a folder it created is still empty, removed again,
+    so a refused or failed first run leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path} is a file, not a folder")
+    if path.exists():
+        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if entries and not any(path.glob(marker_glob)):
+            raise UserError(
+                f"output {path} already holds other files ({entries[0].name}, ...); "
+                "choose an empty or new folder"
+            )
     existed = path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     try:
         yield path
     except BaseException:
@@ -186,16 +195,3 @@ def read_record(artifact: Path, config: dict[str, Any]) -> dict[str, Any] | None
 def write_record(artifact: Path, config: dict[str, Any], stats: dict[str, Any]) -> None:
     """Record the config and stats that made ``artifact``, for ``read_record``."""
     write_json(artifact.with_suffix(".json"), {"config": config, "stats": stats})
-
-
-def ensure_output_dir(path: Path, marker_glob: str, what: str) -> None:
-    """Refuse a non-empty folder that holds nothing this stage wrote (``output_dir`` makes it)."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a folder")
-    if path.exists():
-        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-        if entries and not any(path.glob(marker_glob)):
-            raise UserError(
-                f"{what} {path} already holds other files ({entries[0].name}, ...); "
-                "choose an empty or new folder"
-            )

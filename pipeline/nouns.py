@@ -31,8 +31,6 @@ from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     check_done,
-    clean_stale,
-    ensure_output_dir,
     file_digest,
     output_dir,
     read_parquet,
@@ -208,9 +206,10 @@ def run_extract_nouns(
     shards = done_shards(cfg.raw)
     if not shards:
         raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
-    ensure_output_dir(cfg.output, "*.parquet", "output")
-    with output_dir(cfg.output), Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor:
-        clean_stale(cfg.output)
+    with (
+        output_dir(cfg.output, "*.parquet"),
+        Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor,
+    ):
         return _extract_all(cfg, shards, extractor, on_start, on_advance)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import re
 import shutil
 import tarfile
@@ -28,13 +27,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.cores import default_processes, worker_ignores_sigint
+from pipeline.cores import default_processes, parallel_map
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     TMP_SUFFIX,
     clean_stale,
-    ensure_output_dir,
     file_digest,
     output_dir,
     read_parquet,
@@ -203,12 +201,12 @@ class PackShard:
     def __init__(self, cfg: PackConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, raw_parquet: Path) -> ShardResult:
+    def __call__(self, todo: tuple[Path, dict[str, str]]) -> ShardResult:
+        """``todo``: the raw shard's Parquet file and its ``shard_inputs``."""
+        raw_parquet, inputs = todo
         cfg, sid = self.cfg, raw_parquet.stem
         labels_file = cfg.labels / f"{sid}.parquet"
-        result = ShardResult(
-            raw_shard=sid, settings=cfg.settings(), inputs=shard_inputs(raw_parquet, labels_file)
-        )
+        result = ShardResult(raw_shard=sid, settings=cfg.settings(), inputs=inputs)
         labels = {
             r["key"]: r
             for r in read_parquet(labels_file, ["uid", "key", "labels", "kept"]).to_pylist()
@@ -294,9 +292,7 @@ def run_pack(
         )
     # _pack/ is made first, so a folder holding it is ours even when a first run was killed
     # before sizes.json was written.
-    ensure_output_dir(cfg.output, "_pack", "output")
-    with output_dir(cfg.output):
-        clean_stale(cfg.output)
+    with output_dir(cfg.output, "_pack"):
         (cfg.output / "_pack").mkdir(exist_ok=True)
         clean_stale(cfg.output / "_pack")
         return _pack_all(cfg, raw, on_start, on_advance)
@@ -312,10 +308,11 @@ def _pack_all(
     todo = []
     for p in raw:
         marker = _marker(cfg, p.stem)
+        inputs = shard_inputs(p, cfg.labels / p.name)
         if marker is None or cfg.overwrite:
-            todo.append(p)
-        elif marker.get("inputs") != shard_inputs(p, cfg.labels / p.name):
-            todo.append(p)  # downloaded or filtered again since it was packed
+            todo.append((p, inputs))
+        elif marker.get("inputs") != inputs:
+            todo.append((p, inputs))  # downloaded or filtered again since it was packed
         elif marker["settings"] != cfg.settings():
             raise UserError(
                 f"{cfg.output} was packed with other settings ({marker['settings']}); "
@@ -325,22 +322,11 @@ def _pack_all(
             stats.skipped += 1
     if on_start:
         on_start(len(todo))
-    job = PackShard(cfg)
-    if cfg.processes > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        n = min(cfg.processes, len(todo))
-        with ctx.Pool(n, initializer=worker_ignores_sigint) as pool:
-            results = []
-            for r in pool.imap_unordered(job, todo):
-                results.append(r)
-                if on_advance:
-                    on_advance(1)
-    else:
-        results = []
-        for p in todo:
-            results.append(job(p))
-            if on_advance:
-                on_advance(1)
+    results = []
+    for r in parallel_map(PackShard(cfg), todo, cfg.processes):
+        results.append(r)
+        if on_advance:
+            on_advance(1)
     incomplete = sorted((r for r in results if r.missing), key=lambda r: r.raw_shard)
     for r in results:
         if r.missing:
