@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from trainer.model import ModelConfig, SynSeg
+from trainer.model.synseg import ModelConfig, SynSeg
 
 PAPER_FPS = 71.0
 

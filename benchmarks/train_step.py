@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from trainer.losses import LossConfig, MCCLoss
-from trainer.model import ModelConfig, SynSeg
+from trainer.model.losses import LossConfig, MCCLoss
+from trainer.model.synseg import ModelConfig, SynSeg
 
 
 def sync(device: torch.device) -> None:

@@ -6,7 +6,10 @@ size on disk). A sample is ``<uid>.jpg`` (resized for training) and ``<uid>.json
 ``{"labels", "caption", "uid", "key"}``. Parts are written in a temporary folder and renamed
 into place; ``_pack/RRRRR.json`` then marks the raw shard done, so a rerun skips it. The marker
 records the SHA-1 of the raw and labels Parquet files it was made from: a shard downloaded or
-filtered again is packed again. ``sizes.json`` maps every training shard to its sample count.
+filtered again is packed again, and the phrases the shard's images carry. At the end,
+``vocabulary.parquet`` lists every label phrase of the training shards with its image count
+(the trainer's set of negatives and the phrases ``synseg-train encode-labels`` encodes), then
+``sizes.json`` maps every training shard to its sample count and marks the folder complete.
 
 Images that cannot be decoded are skipped and counted, never fatal. A raw tar that lacks
 samples its Parquet says were downloaded (a truncated file) is not packed: the run ends with
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 from PIL import Image
 
 from pipeline.cores import default_processes, parallel_map
@@ -37,12 +41,14 @@ from pipeline.fsutil import (
     output_dir,
     read_parquet,
     write_json,
+    write_parquet,
 )
 
 RESIZE_MODES = ("center_crop", "shorter_side", "stretch")
 # A uid becomes a tar member name (<uid>.jpg): no separators, no dots (WebDataset splits the
 # key from the extension at the first dot), nothing a shell or a file system treats specially.
 SAFE_UID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+VOCABULARY = "vocabulary.parquet"  # phrase (sorted), images
 
 
 @dataclass
@@ -94,6 +100,7 @@ class ShardResult:
     missing: int = 0  # downloaded samples (per the raw Parquet) absent from the raw tar
     settings: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # SHA-1 of the raw and labels Parquet files
+    phrases: dict[str, int] = field(default_factory=dict)  # label phrase -> images written
 
 
 @dataclass
@@ -246,6 +253,8 @@ class PackShard:
                 meta = {"labels": row["labels"], "caption": caption, "uid": row["uid"], "key": key}
                 sink.write(row["uid"], {"jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
                 result.written += 1
+                for phrase in set(row["labels"]):
+                    result.phrases[phrase] = result.phrases.get(phrase, 0) + 1
         # Parts of an earlier, interrupted or overwritten packing of this raw shard go first.
         for stale in cfg.output.glob(f"train-{sid}-*.tar"):
             stale.unlink()
@@ -309,8 +318,8 @@ def _pack_all(
     for p in raw:
         marker = _marker(cfg, p.stem)
         inputs = shard_inputs(p, cfg.labels / p.name)
-        if marker is None or cfg.overwrite:
-            todo.append((p, inputs))
+        if marker is None or cfg.overwrite or "phrases" not in marker:
+            todo.append((p, inputs))  # new, forced, or packed before markers held phrases
         elif marker.get("inputs") != inputs:
             todo.append((p, inputs))  # downloaded or filtered again since it was packed
         elif marker["settings"] != cfg.settings():
@@ -338,10 +347,16 @@ def _pack_all(
         stats.bad_uid += r.bad_uid
 
     sizes: dict[str, int] = {}
+    phrases: dict[str, int] = {}
     for p in raw:
         marker = _marker(cfg, p.stem)
         if marker is not None and not marker.get("missing"):
             sizes.update(marker["parts"])
+            for phrase, n in marker["phrases"].items():
+                phrases[phrase] = phrases.get(phrase, 0) + n
+    vocab = sorted(phrases)
+    table = pa.table({"phrase": vocab, "images": [phrases[v] for v in vocab]})
+    write_parquet(cfg.output / VOCABULARY, table)  # before sizes.json, which marks the end
     write_json(cfg.output / "sizes.json", dict(sorted(sizes.items())))
     stats.shards = len(sizes)
     stats.samples = sum(sizes.values())

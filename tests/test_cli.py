@@ -1,6 +1,8 @@
 """The command line: thin commands, one clear line for each user mistake, exit code 1."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from cli_checks import one_error_line
@@ -99,3 +101,10 @@ def test_every_command_has_help():
     for cmd in ("world", "serve", "download", "extract-nouns", "filter", "pack", "inspect"):
         result = run(cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_trainer_command_line_does_not_import_the_data_command_line():
+    """The two command lines share pipeline.console; synseg-train never loads synseg-data's."""
+    code = "import sys, trainer.cli; print('pipeline.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

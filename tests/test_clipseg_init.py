@@ -1,8 +1,8 @@
 import torch
 
-from trainer.clipseg_init import ClipSegInitConfig, load_split, run_clipseg_init
-from trainer.decoder import load_decoder_state
-from trainer.model import ModelConfig, SynSeg
+from trainer.model.decoder import load_decoder_state
+from trainer.model.synseg import ModelConfig, SynSeg
+from trainer.world.clipseg_init import ClipSegInitConfig, load_split, run_clipseg_init
 
 TINY = dict(
     arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), ffn_dim=64, dropout=0.0, normalise="clip"

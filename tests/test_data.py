@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from trainer.backbone import FrozenCLIP
-from trainer.data import ShardStream, find_shards
-from trainer.textcache import LabelCache
+from trainer.model.backbone import FrozenCLIP
+from trainer.train.data import ShardStream, find_shards
+from trainer.train.textcache import LabelCache
 
 
 def take(stream, n):
@@ -41,8 +41,8 @@ def test_ranks_read_disjoint_shards(shards):
     found = find_shards(shards)
     a = ShardStream(found, 64, 4, 8, seed=0, shuffle_buffer=1, rank=0, world=2)
     b = ShardStream(found, 64, 4, 8, seed=0, shuffle_buffer=1, rank=1, world=2)
-    assert set(a._my_shards(0)).isdisjoint(b._my_shards(0))
-    assert sorted(a._my_shards(0) + b._my_shards(0)) == sorted(found.urls)
+    assert set(a._my_shards(0, 0, 1)).isdisjoint(b._my_shards(0, 0, 1))
+    assert sorted(a._my_shards(0, 0, 1) + b._my_shards(0, 0, 1)) == sorted(found.urls)
 
 
 def test_bad_samples_are_skipped_and_counted(shards, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from trainer.datasets import open_dataset
+from trainer.eval.datasets import open_dataset
 
 
 def write(path: Path, array: np.ndarray, mode: str | None = None) -> None:

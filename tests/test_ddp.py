@@ -9,7 +9,7 @@ import tarfile
 import torch
 import torch.multiprocessing as mp
 
-from trainer.data import ShardStream, find_shards
+from trainer.train.data import ShardStream, find_shards
 
 
 def _captions_in(urls: list[str]) -> list[str]:
@@ -30,7 +30,7 @@ def test_each_rank_reads_its_own_shards(shards):
     per_rank = []
     for rank in (0, 1):
         s = ShardStream(sset, 48, 1, 8, seed=3, shuffle_buffer=1, rank=rank, world=2)
-        mine = s._my_shards(0)
+        mine = s._my_shards(0, 0, 1)
         per_rank.append(set(mine))
         want = _captions_in(mine)
         got = [c for _, b in zip(range(len(want)), s, strict=False) for c in b["captions"]]
@@ -43,8 +43,8 @@ def test_each_rank_reads_its_own_shards(shards):
 def test_ddp_averages_gradients_over_ranks(tmp_path):
     from _ddp_worker import batch, one_step
 
-    from trainer.losses import LossConfig, MCCLoss
-    from trainer.model import ModelConfig, SynSeg
+    from trainer.model.losses import LossConfig, MCCLoss
+    from trainer.model.synseg import ModelConfig, SynSeg
 
     mp.spawn(one_step, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from trainer.compat import ensure_torchvision  # noqa: E402
-from trainer.decoder import CLIPSegDecoder, DecoderConfig, guess_config, load_decoder_state
+from trainer.model.compat import ensure_torchvision  # noqa: E402
+from trainer.model.decoder import CLIPSegDecoder, DecoderConfig, guess_config, load_decoder_state
 
 ensure_torchvision()
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import UserError
 from trainer.cli import app
-from trainer.infer import InferConfig, Segmenter, read_templates
+from trainer.eval.infer import InferConfig, Segmenter, read_templates
 
 
 class _Backbone:
@@ -88,8 +88,8 @@ def test_templates_and_settings_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(shards, tmp_path_factory):
-    from trainer.config import resolve
-    from trainer.train import run_train
+    from trainer.train.config import resolve
+    from trainer.train.loop import run_train
 
     out = tmp_path_factory.mktemp("evalrun") / "run"
     run_train(
@@ -178,9 +178,9 @@ def test_eval_of_an_untrained_model_and_errors(world, tmp_path):
 
 def test_metric_matches_a_manual_count_on_the_world(world, checkpoint):
     """The eval loop feeds the metric what the segmenter predicts, image by image."""
-    from trainer.datasets import open_dataset
-    from trainer.evaluate import EvalConfig, run_eval
-    from trainer.train import load_model
+    from trainer.eval.datasets import open_dataset
+    from trainer.eval.evaluate import EvalConfig, run_eval
+    from trainer.train.loop import load_model
 
     res = run_eval(
         EvalConfig(dataset="world", data_root=str(world), checkpoint=str(checkpoint), limit=4)
@@ -237,7 +237,7 @@ def test_segment_writes_an_overlay_and_one_map_per_class(world, checkpoint, tmp_
 
 
 def test_activation_map_outlines_the_thresholded_region():
-    from trainer.visualize import activation_map, overlay
+    from trainer.eval.visualize import activation_map, overlay
 
     act = np.zeros((2, 100, 100))
     act[0, 40:70, 40:70] = 0.9

@@ -7,7 +7,7 @@ import pytest
 from pipeline.filter import Matcher, read_terms, resolve_list
 from pipeline.world import SYNONYMS
 
-CLASSNAMES = Path(__file__).parents[1] / "trainer" / "classnames"
+CLASSNAMES = Path(__file__).parents[1] / "trainer" / "eval" / "classnames"
 
 
 def class_names():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.infer import InferConfig, Segmenter
+from trainer.eval.infer import InferConfig, Segmenter
 
 D = 8  # text width of the fake model
 

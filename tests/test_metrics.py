@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import IGNORE, IoUAccumulator, reduce_zero_label
+from trainer.eval.metrics import IGNORE, IoUAccumulator, reduce_zero_label
 
 
 def test_ignored_pixels_count_nowhere():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from trainer.backbone import FrozenCLIP
-from trainer.losses import LossConfig, MCCLoss
-from trainer.model import ModelConfig, SynSeg
+from trainer.model.backbone import FrozenCLIP
+from trainer.model.losses import LossConfig, MCCLoss
+from trainer.model.synseg import ModelConfig, SynSeg
 
 TINY = dict(arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), ffn_dim=128)
 

@@ -139,3 +139,26 @@ def test_every_sample_carries_its_own_image_caption_and_labels(raw, labels, shar
             if other != meta["key"]:
                 alt = np.asarray(ImageOps.fit(sources[other][2], (48, 48), Image.BICUBIC), float)
                 assert np.abs(got - alt).mean() > own, f"{meta['key']} looks like {other}"
+
+
+def test_vocabulary_counts_the_phrases_of_the_packed_images(raw, labels, shards, tmp_path):
+    """vocabulary.parquet is tied to the shards: each phrase with the number of packed images
+    that carry it, in sorted order; images left out of the shards do not count."""
+    counts: dict[str, int] = {}
+    for s in read_back(shards):
+        for phrase in set(s["json"]["labels"]):
+            counts[phrase] = counts.get(phrase, 0) + 1
+    vocab = pq.read_table(shards / "vocabulary.parquet").to_pylist()
+    assert [r["phrase"] for r in vocab] == sorted(counts)
+    assert {r["phrase"]: r["images"] for r in vocab} == counts
+    # A shard packed by a version whose markers lack phrases is packed again, not trusted.
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    marker = sorted((copy / "_pack").glob("*.json"))[0]
+    old = json.loads(marker.read_text())
+    del old["phrases"]
+    marker.write_text(json.dumps(old))
+    (copy / "vocabulary.parquet").unlink()
+    stats = run_pack(PackConfig(raw=raw, labels=labels, output=copy, image_size=48, max_count=25))
+    assert stats.packed == 1 and stats.skipped == stats.raw_shards - 1
+    assert pq.read_table(copy / "vocabulary.parquet").to_pylist() == vocab

@@ -1,8 +1,8 @@
 import torch
 
 from pipeline.world import CLASSES
-from trainer.backbone import FrozenCLIP
-from trainer.pretrain import PretrainConfig, run_pretrain
+from trainer.model.backbone import FrozenCLIP
+from trainer.world.pretrain import PretrainConfig, run_pretrain
 
 
 def test_pretraining_writes_an_open_clip_checkpoint_the_trainer_loads(shards, tmp_path):

@@ -20,11 +20,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.errors import UserError
-from trainer import checkpoint
 from trainer.cli import app, picture_stems
-from trainer.config import resolve
-from trainer.data import ShardSet, ShardStream
-from trainer.train import run_train
+from trainer.train import checkpoint
+from trainer.train.config import resolve
+from trainer.train.data import ShardSet, ShardStream
+from trainer.train.loop import run_train
 
 runner = CliRunner()
 CLASSES = "grass,sand,water,snow,ball,kite,house,tree,car,fish"

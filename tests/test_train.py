@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
-from trainer.config import resolve
-from trainer.train import load_model, run_train
+from trainer.train.config import resolve
+from trainer.train.loop import load_model, run_train
 
 
 def tiny(shards, out, *extra):
@@ -56,9 +56,11 @@ def test_tiny_preset_trains_and_writes_exactly_these_files(full_run):
         "checkpoints/step-0000004/config.json",
         "checkpoints/step-0000004/model.safetensors",
         "checkpoints/step-0000004/optimizer.pt",
+        "checkpoints/step-0000004/stream.json",
         "checkpoints/step-0000008/config.json",
         "checkpoints/step-0000008/model.safetensors",
         "checkpoints/step-0000008/optimizer.pt",
+        "checkpoints/step-0000008/stream.json",
         "config.json",
         "metrics.jsonl",
     ]
@@ -125,8 +127,8 @@ def test_load_model_and_another_architecture(full_run):
     out, _ = full_run
     model, cfg = load_model(out)
     assert cfg.model.projector_input == "visual" and not model.training
-    from trainer.checkpoint import find, load_weights
-    from trainer.model import ModelConfig, SynSeg
+    from trainer.model.synseg import ModelConfig, SynSeg
+    from trainer.train.checkpoint import find, load_weights
 
     other = SynSeg(
         ModelConfig(arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), reduce_dim=32, ffn_dim=64)
@@ -145,7 +147,7 @@ def test_bad_inputs(tmp_path, shards):
         resolve("tiny", overrides=["optim.learning_rate=1"])
     with pytest.raises(UserError, match="unknown preset"):
         resolve("giant")
-    with pytest.raises(UserError, match="the loss is nan"):
+    with pytest.raises(UserError, match="the loss is not finite from step"):
         run_train(
             tiny(
                 shards,
@@ -223,3 +225,28 @@ def test_resume_is_exact_with_dropout_and_absent_negatives(shards, tmp_path):
         tiny(shards, tmp_path / "nodrop", "optim.max_steps=1", *extra[1:], "model.dropout=0")
     )
     assert no_drop.loss["total"] != losses(tmp_path / "straight")[0]["loss"]["total"]
+
+
+def test_encode_labels_fills_the_cache_the_run_reads(shards, tmp_path):
+    """`synseg-train encode-labels` encodes the shards' whole vocabulary once; the run with
+    the same settings then encodes nothing, and its cache holds exactly the vocabulary."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    vocab = pq.read_table(shards / "vocabulary.parquet").column("phrase").to_pylist()
+    args = ["--preset", "tiny", "--shards", str(shards), "--output", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, ["encode-labels", *args, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(next((tmp_path / "r/text_cache").glob("*.json")).read_text())
+    assert saved["phrases"] == vocab
+    stats = run_train(tiny(shards, tmp_path / "r", "optim.max_steps=2"))
+    assert stats.phrases_encoded == 0 and stats.steps == 2
+    fresh = run_train(tiny(shards, tmp_path / "fresh", "optim.max_steps=2"))
+    assert fresh.phrases_encoded == len(vocab)
+    assert [r["loss"] for r in losses(tmp_path / "r")] == [
+        r["loss"] for r in losses(tmp_path / "fresh")
+    ]
+    res = CliRunner().invoke(app, ["encode-labels", *args])
+    assert res.exit_code == 0 and "encoded" in res.output

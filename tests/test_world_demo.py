@@ -3,8 +3,8 @@
 import json
 
 from pipeline.serve import free_port
-from trainer.demo import ABLATIONS, WorldDemoConfig, run_world_demo
-from trainer.report import mccl_verdict
+from trainer.world.demo import ABLATIONS, WorldDemoConfig, run_world_demo
+from trainer.world.report import mccl_verdict
 
 
 def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):

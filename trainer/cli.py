@@ -1,6 +1,7 @@
 """synseg-train: the command line over the trainer.
 
 synseg-train run --preset tiny --set optim.lr=3e-4 --set data.batch_size=32
+synseg-train encode-labels --preset paper --shards data/shards   # optional: before a run
 torchrun --nproc_per_node 8 -m trainer.cli run --preset paper     # several GPUs
 """
 
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.cli import err, handle_errors, summary
+from pipeline.console import err, handle_errors, summary
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -67,8 +68,8 @@ def run(
     ] = False,
 ) -> None:
     """Train SynSeg with Multi-Category Contrastive Learning."""
-    from trainer.config import resolve
-    from trainer.train import run_train
+    from trainer.train.config import resolve
+    from trainer.train.loop import run_train
 
     overrides = list(set_)
     for key, value in (
@@ -92,15 +93,32 @@ def run(
     with Progress(*columns, console=err, disable=not main) as bar:
         task = bar.add_task("train", total=None, info="")
 
-        def on_step(step: int, total: int, loss: dict, rate: float) -> None:
-            info = (
-                " ".join(f"{k} {v:.3f}" for k, v in loss.items() if k != "neg" or v)
-                + f" | {rate:.1f} img/s"
-            )
-            bar.update(task, completed=step, total=total, info=info)
+        shown = {"loss": ""}
+
+        def on_step(step: int, total: int, loss: dict | None, rate: float) -> None:
+            if loss is not None:  # logged steps only: reading the loss waits for the device
+                shown["loss"] = " ".join(f"{k} {v:.3f}" for k, v in loss.items() if k != "neg" or v)
+            info = f"{shown['loss']} | {rate:.1f} img/s"
+            bar.update(task, completed=step, total=total, info=info, description="training")
+
+        encoding = {"done": 0, "total": 0}
+
+        def on_encode_start(n: int) -> None:
+            encoding["total"] = n
+
+        def on_encode(n: int) -> None:
+            encoding["done"] += n
+            info = f"label phrases encoded {encoding['done']}/{encoding['total']}"
+            bar.update(task, info=info)
 
         try:
-            stats = run_train(cfg, resume=resume, on_step=on_step)
+            stats = run_train(
+                cfg,
+                resume=resume,
+                on_step=on_step,
+                on_encode=on_encode,
+                on_encode_start=on_encode_start,
+            )
         except BaseException:
             bar.update(task, visible=False)  # the error line says enough
             raise
@@ -111,6 +129,37 @@ def run(
                 f"{stats.total_steps}; raise --steps to go further"
             )
         summary("train", stats, time.time() - t)
+
+
+@app.command("encode-labels")
+@handle_errors
+def encode_labels(
+    preset: Annotated[str, typer.Option(help="Settings to start from: paper or tiny")] = "paper",
+    config: Annotated[
+        list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")
+    ] = [],  # noqa: B006
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="One setting, e.g. run.text_cache=cache/ (repeatable)"),
+    ] = [],  # noqa: B006
+    shards: Annotated[str | None, typer.Option(help="Shards folder (data.shards)")] = None,
+    output: Annotated[str | None, typer.Option(help="Run folder (run.output)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")] = None,
+) -> None:
+    """Encode every label phrase of the shards once, into the cache the run will read."""
+    from pipeline.console import progress
+    from trainer.train.config import resolve
+    from trainer.train.loop import encode_labels as encode
+
+    overrides = list(set_)
+    for key, value in (("data.shards", shards), ("run.output", output), ("run.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = resolve(preset, config, overrides)
+    t = time.time()
+    with progress("encoding label phrases", "phrases") as (total, advance, _):
+        stats = encode(cfg, on_start=total, on_encode=advance)
+    summary("encode-labels", stats, time.time() - t)
 
 
 @app.command("eval")
@@ -145,8 +194,8 @@ def eval_(
     """Zero-shot mIoU on a benchmark's validation split (MMSegmentation's metric)."""
     from rich.table import Table
 
-    from pipeline.cli import out, progress
-    from trainer.evaluate import EvalConfig, run_eval
+    from pipeline.console import out, progress
+    from trainer.eval.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(
         dataset=dataset,
@@ -204,10 +253,10 @@ def segment(
     """Write an overlay with a legend and one activation map per class for each image."""
     from PIL import Image
 
-    from pipeline.cli import out
-    from trainer.evaluate import build_model, resolve_device
-    from trainer.infer import InferConfig, Segmenter, read_templates
-    from trainer.visualize import write_pictures
+    from pipeline.console import out
+    from trainer.eval.evaluate import build_model, resolve_device
+    from trainer.eval.infer import InferConfig, Segmenter, read_templates
+    from trainer.eval.visualize import write_pictures
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
@@ -276,8 +325,8 @@ def demo(
     """The whole chain on the synthetic world, offline, ending with a report."""
     from rich.table import Table
 
-    from pipeline.cli import out
-    from trainer.demo import WorldDemoConfig, run_world_demo
+    from pipeline.console import out
+    from trainer.world.demo import WorldDemoConfig, run_world_demo
 
     cfg = WorldDemoConfig(
         count=count,

@@ -71,8 +71,8 @@ class DemoResult:
 
 def _run_cached(name: str, cfg, on_stage) -> str:
     """Train unless the run folder already holds this exact run, finished."""
-    from trainer.checkpoint import find, read_config
-    from trainer.train import run_train
+    from trainer.train.checkpoint import find, read_config
+    from trainer.train.loop import run_train
 
     run = Path(cfg.run.output)
     if (run / "checkpoints" / "latest").exists():
@@ -94,10 +94,10 @@ def run_world_demo(
 ) -> DemoResult:
     from pipeline.demo import DemoConfig, run_demo
     from pipeline.world import CLASSES
-    from trainer.clipseg_init import ClipSegInitConfig, run_clipseg_init
-    from trainer.config import resolve
-    from trainer.evaluate import EvalConfig, run_eval
-    from trainer.pretrain import PretrainConfig, run_pretrain
+    from trainer.eval.evaluate import EvalConfig, run_eval
+    from trainer.train.config import resolve
+    from trainer.world.clipseg_init import ClipSegInitConfig, run_clipseg_init
+    from trainer.world.pretrain import PretrainConfig, run_pretrain
 
     t0 = time.time()
     runs, report = Path(cfg.runs), Path(cfg.report)
@@ -197,7 +197,7 @@ def run_world_demo(
     for name, run in trained.items():
         score(name, checkpoint=run)
 
-    from trainer.report import write_report
+    from trainer.world.report import write_report
 
     write_report(
         report,

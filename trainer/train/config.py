@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from trainer.losses import LossConfig
-from trainer.model import ModelConfig
+from trainer.model.losses import LossConfig
+from trainer.model.synseg import ModelConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -50,10 +50,13 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32
+    channels_last: bool = False  # images and convolutions in channels-last memory format
+    compile: bool = False  # torch.compile the training forward pass
     log_every: int = 10  # steps between metric lines
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
     tensorboard: bool = False  # also write TensorBoard events
     text_cache: str = ""  # folder of the label-embedding cache (default: <output>/text_cache)
+    encode_batch: int = 1024  # phrases per text-tower call when the vocabulary is encoded
 
 
 @dataclass
@@ -197,6 +200,7 @@ def _check(cfg: TrainConfig | None, problems: list[str]) -> None:
         ("data.image_size", cfg.data.image_size, 8),
         ("run.log_every", cfg.run.log_every, 1),
         ("run.save_every", cfg.run.save_every, 0),
+        ("run.encode_batch", cfg.run.encode_batch, 1),
     ):
         if value < low:
             problems.append(f"{name} must be at least {low}, not {value}")

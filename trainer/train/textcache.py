@@ -1,7 +1,10 @@
 """Label text embeddings, computed once per phrase and backbone.
 
-The text tower is frozen, so a phrase's embedding never changes during training: it is
-encoded the first time it is seen and then read from memory. The cache is saved as
+The text tower is frozen, so a phrase's embedding never changes during training. Before the
+first step the trainer encodes every phrase of the shards' vocabulary (``ensure``, or ahead of
+time with ``synseg-train encode-labels``); a step then only looks rows up in a table that
+lives on the training device. A phrase missing from the vocabulary is encoded the first time
+it is seen. The cache is saved as
 ``<folder>/<backbone id>.safetensors`` (embeddings) and ``.json`` (phrases, template), where the
 backbone id hashes the architecture and the text tower's weights: another backbone never
 reads this cache.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ class LabelCache:
         self.index: dict[str, int] = {}
         self.table = torch.zeros(0, backbone.embed_dim)
         self.encoded = 0  # phrases this process encoded (the rest came from disk)
+        self._device_table: torch.Tensor | None = None
         if self.folder is not None:
             self._load()
 
@@ -81,13 +86,46 @@ class LabelCache:
             "file": str(self.path) if self.folder else None,
         }
 
-    def embed(self, phrases: list[str]) -> torch.Tensor:
-        """(len(phrases), d) embeddings; only phrases never seen are encoded."""
+    def ensure(
+        self,
+        phrases: list[str],
+        batch: int = 1024,
+        on_start: Callable[[int], None] | None = None,
+        on_advance: Callable[[int], None] | None = None,
+    ) -> int:
+        """Encode every phrase not in the cache yet, ``batch`` at a time; returns how many."""
         new = [p for p in dict.fromkeys(phrases) if p not in self.index]
+        if on_start:
+            on_start(len(new))
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(new), batch):
+                chunk = new[i : i + batch]
+                parts.append(
+                    self.backbone.encode_text([self.template.format(p) for p in chunk]).cpu()
+                )
+                if on_advance:
+                    on_advance(len(chunk))
         if new:
-            emb = self.backbone.encode_text([self.template.format(p) for p in new]).cpu()
             start = len(self.index)
             self.index.update({p: start + i for i, p in enumerate(new)})
-            self.table = torch.cat([self.table, emb])
+            self.table = torch.cat([self.table, *parts])
             self.encoded += len(new)
-        return self.table[[self.index[p] for p in phrases]]
+            self._device_table = None
+        return len(new)
+
+    def indices(self, phrases: list[str]) -> torch.Tensor:
+        """Rows of ``phrases`` in the table (phrases never seen are encoded first)."""
+        self.ensure(phrases)
+        return torch.tensor([self.index[p] for p in phrases], dtype=torch.long)
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        """The table on ``device``, copied once (again only after new phrases were added)."""
+        if self._device_table is None or self._device_table.device != device:
+            self._device_table = self.table.to(device)
+        return self._device_table
+
+    def embed(self, phrases: list[str]) -> torch.Tensor:
+        """(len(phrases), d) embeddings; only phrases never seen are encoded."""
+        rows = self.indices(phrases)  # first: it may grow the table
+        return self.table[rows]

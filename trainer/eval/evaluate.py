@@ -15,9 +15,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
-from trainer.datasets import open_dataset
-from trainer.infer import InferConfig, Segmenter, read_templates
-from trainer.metrics import IoUAccumulator
+from trainer.eval.datasets import open_dataset
+from trainer.eval.infer import InferConfig, Segmenter, read_templates
+from trainer.eval.metrics import IoUAccumulator
 
 
 @dataclass
@@ -28,8 +28,8 @@ class EvalConfig:
     preset: str = "tiny"  # the untrained model's settings (no checkpoint)
     decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
     overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
-    classes: str | None = None  # class file (default: trainer/classnames/<dataset>.txt)
-    templates: str = "single"  # prompt templates: a name in trainer/templates or a file
+    classes: str | None = None  # class file (default: trainer/eval/classnames/<dataset>.txt)
+    templates: str = "single"  # prompt templates: a name in trainer/eval/templates or a file
     limit: int = 0  # evaluate only the first N images (0: all)
     mode: str = "slide"
     short_side: int = 0  # 0: 448, or the model's training size on the world
@@ -80,12 +80,12 @@ def build_model(
     """(model, its training config, checkpoint folder): a trained model, or an untrained one
     from a preset (a fresh decoder, or ``decoder_init``'s CLIPSeg weights; ``overrides`` as
     ``group.field=value``) when no checkpoint."""
-    from trainer.config import resolve
-    from trainer.model import SynSeg
-    from trainer.train import load_model
+    from trainer.model.synseg import SynSeg
+    from trainer.train.config import resolve
+    from trainer.train.loop import load_model
 
     if checkpoint:
-        from trainer.checkpoint import find
+        from trainer.train.checkpoint import find
 
         model, train_cfg = load_model(checkpoint, device)
         return model, train_cfg, find(checkpoint)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
-from trainer.backbone import NORMALISE, FrozenCLIP
-from trainer.decoder import CLIPSegDecoder, DecoderConfig
-from trainer.losses import synergy
+from trainer.model.backbone import NORMALISE, FrozenCLIP
+from trainer.model.decoder import CLIPSegDecoder, DecoderConfig
+from trainer.model.losses import synergy
 
 PROJECTOR_INPUTS = ("conditioned", "visual")
 
@@ -89,7 +89,7 @@ class SynSeg(nn.Module):
         )
         self.decoder_format = None
         if cfg.decoder_init:
-            from trainer.decoder import load_decoder_state
+            from trainer.model.decoder import load_decoder_state
 
             self.decoder_format = load_decoder_state(self.decoder, cfg.decoder_init)
         norm = cfg.normalise

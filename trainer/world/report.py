@@ -69,9 +69,9 @@ def pictures(
     from PIL import Image
 
     from pipeline.world import CLASSES
-    from trainer.evaluate import build_model, resolve_device
-    from trainer.infer import InferConfig, Segmenter
-    from trainer.visualize import safe_name, write_pictures
+    from trainer.eval.evaluate import build_model, resolve_device
+    from trainer.eval.infer import InferConfig, Segmenter
+    from trainer.eval.visualize import safe_name, write_pictures
 
     voc = Path(world) / "VOC2012"
     ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:n]

@@ -10,7 +10,7 @@
 | ade     | ADEChallengeData2016                  | annotations/validation/*.png, 0 ignored     |
 | world   | the synthetic world's folder          | VOC2012/SegmentationClass/*.png             |
 
-Class names are data: ``trainer/classnames/<name>.txt`` (one class a line, in label order,
+Class names are data: ``trainer/eval/classnames/<name>.txt`` (one class a line, in label order,
 ", " between synonyms); the world reads its own ``classes.txt``.
 """
 
@@ -175,7 +175,7 @@ class Dataset:
 
     def load(self, sample: Sample) -> tuple[Image.Image, np.ndarray]:
         """The RGB image and its label map (reduce_zero_label applied)."""
-        from trainer.metrics import reduce_zero_label
+        from trainer.eval.metrics import reduce_zero_label
 
         try:
             image = Image.open(sample.image).convert("RGB")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.fsutil import atomic_path, read_record, write_record
-from trainer.backbone import NORMALISE, open_clip
-from trainer.data import ShardStream, find_shards
+from trainer.model.backbone import NORMALISE, open_clip
+from trainer.train.data import ShardStream, find_shards
 
 
 @dataclass

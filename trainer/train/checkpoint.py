@@ -4,6 +4,7 @@
                                   /optimizer.pt        optimizer state, step, epoch
                                   /config.json         resolved TrainConfig, model description,
                                                        label cache identity
+                                  /stream.json         where each rank's data workers stand
     <run>/checkpoints/latest                           name of the newest complete checkpoint
 
 A checkpoint folder is written under a temporary name and renamed when complete, then
@@ -23,7 +24,16 @@ from pipeline.errors import UserError
 from pipeline.fsutil import TMP_SUFFIX, atomic_path, clean_stale
 
 
-def save(run: Path, step: int, model, optimizer, epoch: int, config: dict, extra: dict) -> Path:
+def save(
+    run: Path,
+    step: int,
+    model,
+    optimizer,
+    epoch: int,
+    config: dict,
+    extra: dict,
+    stream: dict | None = None,
+) -> Path:
     from safetensors.torch import save_file
 
     folder = run / "checkpoints"
@@ -37,6 +47,8 @@ def save(run: Path, step: int, model, optimizer, epoch: int, config: dict, extra
         {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, tmp / "optimizer.pt"
     )
     (tmp / "config.json").write_text(json.dumps({"config": config, **extra}, indent=2, default=str))
+    if stream is not None:
+        (tmp / "stream.json").write_text(json.dumps(stream))
     final = folder / name
     if final.exists():
         shutil.rmtree(final)
@@ -93,3 +105,14 @@ def load_optimizer(optimizer, ckpt: Path) -> tuple[int, int]:
     except Exception as e:  # unpickling refusals, a damaged file, a foreign state
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{ckpt}/optimizer.pt cannot be loaded: {first[:200]}") from None
+
+
+def load_stream(ckpt: Path) -> dict | None:
+    """The data stream's position saved with a checkpoint (None for checkpoints without it)."""
+    path = ckpt / "stream.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read: {e}") from None

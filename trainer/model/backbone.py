@@ -6,7 +6,7 @@ CLIPSeg's decoder reads the visual residual stream, CLS token included, after ch
 embeddings, so the tower is run here block by block, with the position embeddings resized
 (bicubic) to whatever grid the input gives: training at 224 and evaluating at 448 both work.
 
-Architectures are open_clip's registry plus the JSON files in ``trainer/model_configs``
+Architectures are open_clip's registry plus the JSON files in ``trainer/model/configs``
 (``synseg-tiny``: a four-layer model for tests and the offline world, built with no download).
 """
 
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
-from trainer.compat import import_open_clip
+from trainer.model.compat import import_open_clip
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
 # Normalisations by name: the backbone input must match what the decoder weights saw.
 NORMALISE = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),

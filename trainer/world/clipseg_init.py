@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, read_record, write_record
-from trainer.model import ModelConfig, SynSeg
+from trainer.model.synseg import ModelConfig, SynSeg
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""Evaluation: benchmark readers and class files (``datasets``), mIoU (``metrics``),
+sliding-window inference (``infer``), the eval loop (``evaluate``), overlays (``visualize``)."""

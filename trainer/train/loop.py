@@ -1,0 +1,584 @@
+"""The training loop: MCCL on packed shards, one process or many (torchrun, DDP).
+
+Only the FiLM layers, the decoder and the FSS projector train; the CLIP towers stay frozen.
+A run folder holds ``config.json`` (the resolved settings), ``metrics.jsonl`` and
+``checkpoints/``. ``resume=True`` continues from the latest checkpoint at the next step, with
+the same data order and the same random draws as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.cores import available_cores
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path, clean_stale, read_parquet, write_json
+from pipeline.pack import VOCABULARY
+from trainer.model.losses import MCCLoss
+from trainer.model.synseg import SynSeg
+from trainer.train import checkpoint
+from trainer.train.config import TrainConfig, from_dict
+from trainer.train.data import ShardSet, ShardStream, find_shards, loader
+from trainer.train.textcache import LabelCache
+
+
+@dataclass
+class TrainStats:
+    start_step: int = 0
+    steps: int = 0  # the last step reached
+    total_steps: int = 0
+    images: int = 0  # images trained on in this run (all ranks)
+    bad_samples: int = 0
+    phrases_encoded: int = 0  # label phrases this run encoded (the rest were in the cache)
+    loss: dict = field(default_factory=dict)  # the last step's terms
+    checkpoint: str = ""
+    images_per_second: float = 0.0
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_wanted: str) -> tuple[_Dist, torch.device]:
+    env = _Dist(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    if device_wanted == "auto":
+        device = torch.device(f"cuda:{env.local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_wanted)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("run.device is cuda but no CUDA device is available")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(env))
+    if env.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return env, device
+
+
+def cpu_threads(env: _Dist) -> int:
+    """Threads for this process's CPU math: the cores it may use shared among the processes
+    torchrun started on this machine. torch's default (every core in every process) makes
+    processes and data workers fight over the cores."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world))
+    return max(1, available_cores() // max(1, local))
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 9_176 + rank * 101) % (2**31)
+
+
+class Vocabulary:
+    """The shards' label phrases (``vocabulary.parquet`` from ``synseg-data pack``): what the
+    trainer encodes before the first step and where absent-category negatives come from."""
+
+    def __init__(self, shards_folder: str | Path) -> None:
+        path = Path(shards_folder) / VOCABULARY
+        self.phrases: list[str] = (
+            read_parquet(path, ["phrase"]).column("phrase").to_pylist() if path.exists() else []
+        )
+        self.position = {p: i for i, p in enumerate(self.phrases)}
+
+    def absent(self, labels: list[list[str]], k: int, rng: random.Random) -> list[str] | None:
+        """k phrases per image drawn from the vocabulary, none of them the image's own labels
+        (None if the vocabulary is too small for that)."""
+        picks: list[str] = []
+        n = len(self.phrases)
+        for ls in labels:
+            own = {self.position[p] for p in ls if p in self.position}
+            if n - len(own) < k:
+                return None
+            chosen: list[int] = []
+            while len(chosen) < k:
+                j = rng.randrange(n)
+                if j not in own and j not in chosen:
+                    chosen.append(j)
+            picks += [self.phrases[j] for j in chosen]
+        return picks
+
+
+def _compatible(saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run must train the same model on the same data with the same recipe."""
+    now = cfg.to_dict()
+    diffs = []
+    for group in ("model", "loss", "data", "optim"):
+        for key, value in now[group].items():
+            if group == "optim" and key in ("max_steps", "epochs"):
+                continue  # a resumed run may go further
+            old = saved.get(group, {}).get(key)
+            if isinstance(value, tuple):
+                value = list(value)
+            if old != value:
+                diffs.append(f"{group}.{key}: {old!r} -> {value!r}")
+    if diffs:
+        raise UserError(
+            f"cannot resume: the checkpoint was trained with other settings ({'; '.join(diffs[:4])})"
+        )
+
+
+@dataclass
+class _Plan:
+    """What a run will do: its data, its length and where it starts."""
+
+    shards: ShardSet
+    steps_per_epoch: int
+    total: int
+    checkpoint: Path | None = None  # the one resumed from
+    start_step: int = 0
+    start_epoch: int = 0
+    stream: dict | None = None  # the data stream's position saved with that checkpoint
+
+
+def _plan(cfg: TrainConfig, resume: bool, env: _Dist) -> _Plan:
+    run = Path(cfg.run.output)
+    shards = find_shards(cfg.data.shards)
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.find(run)
+        _compatible(checkpoint.read_config(ckpt)["config"], cfg)
+    elif (run / "checkpoints" / "latest").exists():
+        raise UserError(
+            f"{run} already holds a run; pass --resume to continue it or choose another run.output"
+        )
+    steps_per_epoch = max(1, shards.samples // (cfg.data.batch_size * env.world))
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps) if cfg.optim.epochs else cfg.optim.max_steps
+    return _Plan(shards, steps_per_epoch, total, ckpt)
+
+
+def _build(cfg: TrainConfig, plan: _Plan, device: torch.device):
+    """The model and its optimizer, at the checkpoint's state when resuming."""
+    torch.manual_seed(cfg.run.seed)
+    model = SynSeg(cfg.model).to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = model.trainable_parameters()
+    if cfg.optim.name == "sgd":
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if plan.checkpoint is not None:
+        checkpoint.load_weights(model, plan.checkpoint)
+        plan.start_step, plan.start_epoch = checkpoint.load_optimizer(opt, plan.checkpoint)
+        plan.stream = checkpoint.load_stream(plan.checkpoint)
+    return model, opt
+
+
+def _wrap(model: SynSeg, cfg: TrainConfig, env: _Dist, device: torch.device):
+    """What the step calls: the model, under DDP with several processes, compiled if asked."""
+    net = model
+    if env.world > 1:
+        # Convolution weights with a size-1 dimension (the 1x1 projector conv, the final
+        # transposed conv) get gradients whose strides differ from DDP's bucket views only
+        # along that dimension: the same memory layout, but DDP warns on every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.run.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _label_cache(
+    cfg: TrainConfig, model: SynSeg, vocab: Vocabulary, env: _Dist, on_start=None, on_encode=None
+) -> LabelCache:
+    """The label embeddings of the whole vocabulary: the main process encodes what the cache
+    on disk lacks and saves it; the other processes then read it."""
+    folder = Path(cfg.run.text_cache or Path(cfg.run.output) / "text_cache")
+    cache = None
+    if env.main:
+        cache = LabelCache(model.backbone, cfg.data.template, folder)
+        if cache.ensure(vocab.phrases, cfg.run.encode_batch, on_start, on_encode):
+            cache.save()
+    if env.world > 1:
+        dist.barrier()
+    if not env.main:
+        cache = LabelCache(model.backbone, cfg.data.template, folder)
+        cache.folder = None  # read only: the main process owns the file
+    return cache
+
+
+def _stream_start(plan: _Plan, cfg: TrainConfig, env: _Dist) -> tuple[int, int, dict | None]:
+    """(epoch, batch within it, the workers' saved positions) where training goes on."""
+    epoch, taken = plan.start_epoch, plan.start_step - plan.start_epoch * plan.steps_per_epoch
+    saved = plan.stream
+    if taken >= plan.steps_per_epoch:
+        return epoch + 1, 0, None
+    if taken == 0:
+        return epoch, 0, None
+    usable = (
+        saved is not None
+        and saved.get("epoch") == epoch
+        and saved.get("batches") == taken
+        and saved.get("world") == env.world
+        and saved.get("workers") == cfg.data.workers
+    )
+    if not usable:
+        return epoch, taken, None  # an older checkpoint: replay the epoch up to here
+    workers = max(1, cfg.data.workers)
+    return epoch, taken, {"offset": taken % workers, "workers": saved["ranks"][env.rank]}
+
+
+class _Step:
+    """One optimisation step with no host-device synchronisation: the loss terms stay on the
+    device, and a non-finite loss is remembered there (its step) until the next log line."""
+
+    def __init__(self, cfg, model, net, opt, cache, vocab, env, device) -> None:
+        self.cfg, self.model, self.net, self.opt = cfg, model, net, opt
+        self.cache, self.vocab, self.env, self.device = cache, vocab, env, device
+        self.params = model.trainable_parameters()
+        self.loss_fn = MCCLoss(cfg.loss)
+        use_bf16 = cfg.run.precision == "bf16" or (
+            cfg.run.precision == "auto" and device.type == "cuda"
+        )
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+            if use_bf16
+            else contextlib.nullcontext
+        )
+        self.nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
+
+    def _text(self, labels: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded label embeddings (B, N, d) and their mask (B, N), gathered on the device."""
+        n = max(len(ls) for ls in labels)
+        rows = torch.zeros(len(labels), n, dtype=torch.long)
+        mask = torch.zeros(len(labels), n, dtype=torch.bool)
+        flat = self.cache.indices([p for ls in labels for p in ls])
+        i = 0
+        for b, ls in enumerate(labels):
+            rows[b, : len(ls)] = flat[i : i + len(ls)]
+            mask[b, : len(ls)] = True
+            i += len(ls)
+        mask = mask.to(self.device, non_blocking=True)
+        table = self.cache.table_on(self.device)
+        text = table[rows.to(self.device, non_blocking=True)] * mask[..., None]
+        return text, mask
+
+    def _absent(self, labels, rng: random.Random) -> torch.Tensor | None:
+        k = self.cfg.data.absent
+        picks = self.vocab.absent(labels, k, rng) if k else None
+        if picks is None:
+            return None
+        rows = self.cache.indices(picks).to(self.device, non_blocking=True)
+        return self.cache.table_on(self.device)[rows].view(len(labels), k, -1)
+
+    def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        torch.manual_seed(_step_seed(cfg.run.seed, step, self.env.rank))  # dropout draws
+        rng = random.Random(_step_seed(cfg.run.seed, step, self.env.rank))
+        images = batch["images"].to(self.device, non_blocking=True)
+        if cfg.run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        text, mask = self._text(batch["labels"])
+        absent = self._absent(batch["labels"], rng)
+        with self.autocast():
+            out = self.net(images, text, absent)
+        terms = self.loss_fn(
+            out.f.float(),
+            out.fbar.float(),
+            text,
+            mask,
+            None if out.absent_maps is None else out.absent_maps.float(),
+        )
+        loss = terms["total"]
+        first_bad = (self.nonfinite_at == 0) & ~torch.isfinite(loss)
+        self.nonfinite_at = torch.where(first_bad, step, self.nonfinite_at)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        self.opt.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Raise if any step so far had a non-finite loss (one synchronisation)."""
+        at = int(self.nonfinite_at)
+        if at:
+            raise UserError(
+                f"the loss is not finite from step {at} on (now "
+                f"{', '.join(f'{k} {v.item():.3g}' for k, v in terms.items())}); "
+                "lower optim.lr or check the data"
+            )
+
+
+@dataclass
+class EncodeStats:
+    phrases: int = 0  # in the shards' vocabulary
+    encoded: int = 0  # by this call (the rest were in the cache already)
+    cache: str = ""
+    phrases_per_second: float = 0.0
+
+
+def encode_labels(
+    cfg: TrainConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_encode: Callable[[int], None] | None = None,
+) -> EncodeStats:
+    """Encode every phrase of the shards' vocabulary into the run's label cache (the file a
+    run with these settings reads), so training starts without encoding anything."""
+    _, device = _setup_distributed(cfg.run.device)
+    find_shards(cfg.data.shards)
+    vocab = Vocabulary(cfg.data.shards)
+    if not vocab.phrases:
+        raise UserError(
+            f"{Path(cfg.data.shards) / VOCABULARY} does not exist; "
+            "run `synseg-data pack` again to write it"
+        )
+    torch.manual_seed(cfg.run.seed)
+    model = SynSeg(cfg.model).to(device)
+    t0 = time.time()
+    cache = _label_cache(cfg, model, vocab, _Dist(), on_start, on_encode)
+    rate = cache.encoded / max(time.time() - t0, 1e-9)
+    return EncodeStats(len(vocab.phrases), cache.encoded, str(cache.path), round(rate, 1))
+
+
+def run_train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_step: Callable[[int, int, dict | None, float], None] | None = None,
+    on_encode: Callable[[int], None] | None = None,
+    on_encode_start: Callable[[int], None] | None = None,
+) -> TrainStats:
+    """Train (or resume) a run. ``on_step(step, total, loss, images/s)`` is called every step on
+    the main process, with the loss terms on logged steps only (None between them: reading
+    them would wait for the device); ``on_encode(n)`` as vocabulary phrases are encoded."""
+    env, device = _setup_distributed(cfg.run.device)
+    try:
+        plan = _plan(cfg, resume, env)
+        model, opt = _build(cfg, plan, device)
+        stats = TrainStats(
+            start_step=plan.start_step, steps=plan.start_step, total_steps=plan.total
+        )
+        if plan.start_step >= plan.total:
+            # Already there (a resume of a finished run): train nothing, log nothing, and say so.
+            stats.checkpoint = str(plan.checkpoint)
+            return stats
+        run = Path(cfg.run.output)
+        if env.main:
+            run.mkdir(parents=True, exist_ok=True)
+            for folder in (run, run / "checkpoints"):
+                clean_stale(folder)  # temporaries of a run that was killed
+            write_json(run / "config.json", cfg.to_dict())
+        vocab = Vocabulary(cfg.data.shards)
+        if cfg.data.absent and not vocab.phrases:
+            raise UserError(
+                f"data.absent draws negatives from {Path(cfg.data.shards) / VOCABULARY}, which "
+                "does not exist; run `synseg-data pack` again to write it"
+            )
+        cache = _label_cache(cfg, model, vocab, env, on_encode_start, on_encode)
+        stats.phrases_encoded = cache.encoded
+        step_fn = _Step(cfg, model, _wrap(model, cfg, env, device), opt, cache, vocab, env, device)
+        _loop(cfg, plan, model, opt, step_fn, stats, env, on_step)
+    finally:
+        if env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if stats.steps == plan.start_step and plan.checkpoint is not None:
+        stats.checkpoint = str(plan.checkpoint)
+    return stats
+
+
+def _read(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss terms as numbers: one transfer from the device for all of them."""
+    numbers = torch.stack(list(terms.values())).tolist()
+    return {k: round(v, 6) for k, v in zip(terms, numbers, strict=True)}
+
+
+def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, on_step) -> None:
+    """Epochs of batches from the stream, from where the plan starts to its last step."""
+    run = Path(cfg.run.output)
+    metrics = _Metrics(run, plan.start_step, env.main, cfg.run.tensorboard)
+    stream = ShardStream(
+        plan.shards,
+        cfg.data.image_size,
+        cfg.data.batch_size,
+        cfg.data.max_labels,
+        cfg.run.seed,
+        cfg.data.shuffle_buffer,
+        env.rank,
+        env.world,
+    )
+    pin = step_fn.device.type == "cuda"
+    spe, total = plan.steps_per_epoch, plan.total
+    first_epoch, first_batch, resume_at = _stream_start(plan, cfg, env)
+    model.train()
+    t0, seen, step = time.time(), 0, plan.start_step
+    try:
+        for epoch in range(first_epoch, -(-total // spe)):
+            start = first_batch if epoch == first_epoch else 0
+            positions = dict(resume_at["workers"]) if resume_at and epoch == first_epoch else {}
+            stream.set_epoch(epoch, resume_at if epoch == first_epoch else None)
+            batches = iter(loader(stream, cfg.data.workers, pin))
+            if resume_at is None and epoch == first_epoch:
+                for _ in range(start):
+                    next(batches)  # no saved position: replay the stream up to the resume
+            for i in range(start, spe):
+                batch = next(batches)
+                positions[str(batch["worker"])] = batch["state"]
+                step = epoch * spe + i + 1
+                terms = step_fn(batch, step)
+                seen += batch["images"].shape[0] * env.world
+                stats.bad_samples += batch["bad"]
+                rate = seen / max(time.time() - t0, 1e-9)
+                stats.steps, stats.images, stats.images_per_second = step, seen, rate
+                save = step == total or (cfg.run.save_every and step % cfg.run.save_every == 0)
+                values = None
+                if step % cfg.run.log_every == 0 or save:
+                    step_fn.check_finite(terms)
+                    values = _read(terms)
+                    stats.loss = values
+                    metrics.write(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": values,
+                            "lr": opt.param_groups[0]["lr"],
+                            "images_per_second": round(rate, 2),
+                            "bad_samples": stats.bad_samples,
+                        }
+                    )
+                if on_step and env.main:
+                    on_step(step, total, values, rate)
+                if save:
+                    where = {"epoch": epoch, "batches": i + 1, "positions": positions}
+                    stats.checkpoint = _save(
+                        run, step, model, opt, epoch, cfg, step_fn.cache, env, where
+                    )
+                if step >= total:
+                    return
+    finally:
+        metrics.close()
+
+
+def _check_ranks_agree(model, env: _Dist, step: int) -> None:
+    """Every rank must hold the same weights (DDP averages the gradients): compare a checksum
+    of the trainable weights before the main rank saves them for all."""
+    if env.world == 1:
+        return
+    total = torch.stack([p.detach().double().sum() for p in model.trainable_parameters()]).sum()
+    sums = [torch.zeros_like(total) for _ in range(env.world)]
+    dist.all_gather(sums, total)
+    if any(not torch.isclose(s, sums[0], rtol=1e-9, atol=1e-9) for s in sums):
+        raise RuntimeError(
+            f"ranks hold different weights at step {step} "
+            f"({', '.join(f'{s.item():.9g}' for s in sums)}): gradients are not synchronised"
+        )
+
+
+def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
+    """A checkpoint of the main process, with every rank's stream positions in it."""
+    path = ""
+    _check_ranks_agree(model, env, step)
+    mine = {w: json.loads(v) if isinstance(v, str) else v for w, v in where["positions"].items()}
+    ranks = [mine]
+    if env.world > 1:
+        ranks = [None] * env.world
+        dist.all_gather_object(ranks, mine)
+    stream = {
+        "epoch": where["epoch"],
+        "batches": where["batches"],
+        "world": env.world,
+        "workers": cfg.data.workers,
+        "ranks": ranks,
+    }
+    if env.main:
+        cache.save()
+        path = str(
+            checkpoint.save(
+                run,
+                step,
+                model,
+                opt,
+                epoch,
+                cfg.to_dict(),
+                {
+                    "model": model.describe(),
+                    "label_cache": cache.identity(),
+                    "torch": torch.__version__,
+                },
+                stream,
+            )
+        )
+    if env.world > 1:
+        dist.barrier()
+    return path
+
+
+class _Metrics:
+    """metrics.jsonl (and TensorBoard) on the main process; a resume drops lines past its step."""
+
+    def __init__(self, run: Path, start_step: int, main: bool, tensorboard: bool) -> None:
+        self.file = self.tb = None
+        if not main:
+            return
+        path = run / "metrics.jsonl"
+        if path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= start_step
+            ]
+            with atomic_path(path) as tmp:  # a kill here must not lose the kept lines
+                tmp.write_text("".join(f"{line}\n" for line in kept))
+        self.file = path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "run.tensorboard needs the tensorboard package (pip install tensorboard)"
+                ) from None
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record["loss"].items():
+                self.tb.add_scalar(f"loss/{k}", v, record["step"])
+            self.tb.add_scalar("images_per_second", record["images_per_second"], record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[SynSeg, TrainConfig]:
+    """A trained model from a run folder or checkpoint folder, for evaluation or inference."""
+    ckpt = checkpoint.find(path)
+    cfg = from_dict(checkpoint.read_config(ckpt)["config"])
+    model = SynSeg(cfg.model)
+    checkpoint.load_weights(model, ckpt)
+    return model.to(device).eval(), cfg
