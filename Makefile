@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/resume.py
 
 lock:  ## refresh requirements/cpu.lock from pyproject.toml and constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)-lock
