@@ -250,3 +250,29 @@ def test_encode_labels_fills_the_cache_the_run_reads(shards, tmp_path):
     ]
     res = CliRunner().invoke(app, ["encode-labels", *args])
     assert res.exit_code == 0 and "encoded" in res.output
+
+
+@pytest.mark.gpu
+def test_torchrun_on_gpu_with_nccl_resumes_like_an_uninterrupted_run(shards, tmp_path):
+    """DDP over NCCL (one process per GPU, at most two), bf16 autocast, pinned batches, two
+    loader workers: a run split at step 3 ends where an uninterrupted run does."""
+    nproc = str(min(2, torch.cuda.device_count()))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def torchrun(out, steps, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc]
+        cmd += ["-m", "trainer.cli", "run", "--preset", "tiny", "--shards", str(shards)]
+        cmd += ["--output", str(out), "--steps", str(steps), "--device", "cuda"]
+        for s in ("data.batch_size=4", "data.workers=2", "run.save_every=3", "run.log_every=1"):
+            cmd += ["--set", s]
+        proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    torchrun(tmp_path / "straight", 6)
+    torchrun(tmp_path / "split", 3)
+    torchrun(tmp_path / "split", 6, "--resume")
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        for k in x["loss"]:
+            assert x["loss"][k] == pytest.approx(y["loss"][k], rel=1e-3, abs=1e-4), (x["step"], k)
