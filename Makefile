@@ -51,7 +51,7 @@ bench: setup
 lock:  ## refresh requirements/cpu.lock from pyproject.toml and constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)-lock
 	$(VENV)-lock/bin/pip install -q pip-tools
-	$(VENV)-lock/bin/pip-compile -q --upgrade --extra dev -c constraints-cpu.txt \
+	$(VENV)-lock/bin/pip-compile -q --upgrade --extra dev --extra ray -c constraints-cpu.txt \
 		--no-emit-find-links --no-emit-index-url --strip-extras \
 		--output-file $(LOCK) pyproject.toml
 

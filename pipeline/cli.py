@@ -24,6 +24,15 @@ app = typer.Typer(
 )
 
 
+# Options of the per-shard stages that can run on Ray.
+DistributorOpt = Annotated[
+    str, typer.Option(help="local (processes here) or ray (Ray Data actors, --processes of them)")
+]
+RayAddressOpt = Annotated[
+    str, typer.Option(help="Ray cluster to join, e.g. auto or ray://head:10001 (empty: start one)")
+]
+CpusPerWorkerOpt = Annotated[float, typer.Option(help="CPUs Ray reserves for each actor")]
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -116,8 +125,9 @@ def download(
     processes: Annotated[int, typer.Option(help="img2dataset processes")] = 1,
     threads: Annotated[int, typer.Option(help="Download threads per process")] = 64,
     distributor: Annotated[
-        str, typer.Option(help="multiprocessing, pyspark or ray")
+        str, typer.Option(help="img2dataset's: multiprocessing (or local), pyspark or ray")
     ] = "multiprocessing",
+    ray_address: RayAddressOpt = "",
     timeout: Annotated[int, typer.Option(help="Seconds per request")] = 10,
     retries: Annotated[int, typer.Option(help="Retries per URL")] = 0,
     user_agent_token: Annotated[
@@ -143,6 +153,7 @@ def download(
         processes=processes,
         threads=threads,
         distributor=distributor,
+        ray_address=ray_address,
         timeout=timeout,
         retries=retries,
         user_agent_token=user_agent_token,
@@ -178,6 +189,9 @@ def extract_nouns(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo shards made with other settings")
     ] = False,
+    distributor: DistributorOpt = "local",
+    ray_address: RayAddressOpt = "",
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
 ) -> None:
     """Algorithm 1: noun phrases of every caption (spaCy noun chunks, NOUN tokens)."""
     from pipeline.nouns import NounsConfig, run_extract_nouns
@@ -189,6 +203,9 @@ def extract_nouns(
         processes=processes,
         batch_size=batch_size,
         overwrite=overwrite,
+        distributor=distributor,
+        ray_address=ray_address,
+        cpus_per_worker=cpus_per_worker,
     )
     t = time.time()
     with progress("parsing captions", "captions") as (total, advance, _):
@@ -224,6 +241,9 @@ def filter_(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo shards made with other settings")
     ] = False,
+    distributor: DistributorOpt = "local",
+    ray_address: RayAddressOpt = "",
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
 ) -> None:
     """Algorithm 2: drop phrases that contain an exclusion term; record what was dropped."""
     from pipeline.filter import FilterConfig, run_filter
@@ -239,6 +259,9 @@ def filter_(
         allow=allow,
         processes=processes,
         overwrite=overwrite,
+        distributor=distributor,
+        ray_address=ray_address,
+        cpus_per_worker=cpus_per_worker,
     )
     t = time.time()
     with progress("filtering", "shards") as (total, advance, _):
@@ -266,6 +289,9 @@ def pack(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Repack shards made with other settings")
     ] = False,
+    distributor: DistributorOpt = "local",
+    ray_address: RayAddressOpt = "",
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
 ) -> None:
     """Join images and labels into WebDataset training shards (jpg + json) and sizes.json."""
     from pipeline.pack import PackConfig, run_pack
@@ -280,6 +306,9 @@ def pack(
         max_bytes=max_bytes,
         processes=processes,
         overwrite=overwrite,
+        distributor=distributor,
+        ray_address=ray_address,
+        cpus_per_worker=cpus_per_worker,
     )
     t = time.time()
     with progress("packing", "raw shards") as (total, advance, _):

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, describe_diff, file_digest, read_parquet, write_json
 
-DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+DISTRIBUTORS = ("local", "multiprocessing", "pyspark", "ray")  # local: multiprocessing
 META = "_synseg"
 INPUT_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("uid", pa.string())])
 
@@ -56,7 +56,8 @@ class DownloadConfig:
     samples_per_shard: int = 10000
     processes: int = 1  # img2dataset processes_count
     threads: int = 64  # img2dataset thread_count (per process)
-    distributor: str = "multiprocessing"  # multiprocessing, pyspark or ray
+    distributor: str = "multiprocessing"  # img2dataset's: multiprocessing (local), pyspark, ray
+    ray_address: str = ""  # with ray: the cluster to join (empty: start a local Ray)
     timeout: int = 10  # seconds per request
     retries: int = 0  # img2dataset's retries per URL
     retry_failed: bool = False  # fetch again only the rows that never succeeded
@@ -66,6 +67,8 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         self.url_list, self.output = Path(self.url_list), Path(self.output)
+        if self.distributor == "local":
+            self.distributor = "multiprocessing"
         problems = []
         if self.distributor not in DISTRIBUTORS:
             problems.append(f"--distributor must be one of {', '.join(DISTRIBUTORS)}")
@@ -283,6 +286,10 @@ def _img2dataset(cfg: DownloadConfig, input_file: Path, mode: str, on_tick=None)
         ticker = threading.Thread(target=tick, daemon=True)
         ticker.start()
     previous_handler = signal.getsignal(signal.SIGINT)
+    if cfg.distributor == "ray":
+        from pipeline.distribute import connect_ray
+
+        connect_ray(cfg.ray_address)  # img2dataset's ray distributor expects a connected Ray
     try:
         with _output_to(log):
             download(

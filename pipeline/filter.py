@@ -22,7 +22,8 @@ from pathlib import Path
 import ahocorasick
 import pyarrow as pa
 
-from pipeline.cores import default_processes, parallel_map
+from pipeline.cores import default_processes
+from pipeline.distribute import Distribution, run_jobs
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     check_done,
@@ -63,6 +64,9 @@ class FilterConfig:
     allow: Path | None = None  # keep only images with a label in this file (one entity a line)
     processes: int = 0  # shards filtered in parallel (0: one per core, at most 8)
     overwrite: bool = False
+    distributor: str = "local"  # local processes or ray (Ray Data actors)
+    ray_address: str = ""  # Ray cluster to join (empty: start a local Ray)
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor
 
     def __post_init__(self) -> None:
         self.nouns, self.output = Path(self.nouns), Path(self.output)
@@ -80,6 +84,13 @@ class FilterConfig:
         if problems:
             raise UserError("; ".join(problems))
         self.processes = default_processes(self.processes)
+
+    def distribution(self) -> Distribution:
+        dist = Distribution(
+            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
+        )
+        dist.check()
+        return dist
 
 
 @dataclass
@@ -332,8 +343,10 @@ def _filter_all(
     job = FilterShard(cfg, matcher, allow, settings)
     # Matching is fast (millions of phrases/s): worker processes pay off only on large inputs,
     # where reading and writing Parquet dominates; small ones run here.
-    large = sum(p.stat().st_size for p in shards) > POOL_MIN_BYTES
-    for written, out in parallel_map(job, shards, cfg.processes if large else 1):
+    dist = cfg.distribution()
+    if dist.distributor == "local" and sum(p.stat().st_size for p in shards) <= POOL_MIN_BYTES:
+        dist.workers = 1
+    for written, out in run_jobs(job, shards, dist):
         stats.written += written
         stats.skipped += not written
         stats.images += out.num_rows

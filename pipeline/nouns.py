@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.cores import default_processes, worker_ignores_sigint
+from pipeline.distribute import Distribution, run_jobs
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -62,12 +63,22 @@ class NounsConfig:
     batch_size: int = 256  # spaCy nlp.pipe batch_size
     max_caption_chars: int = 1000  # longer captions are cut before parsing
     overwrite: bool = False  # redo shards made with other settings
+    distributor: str = "local"  # local processes or ray (Ray Data actors)
+    ray_address: str = ""  # Ray cluster to join (empty: start a local Ray)
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor
 
     def __post_init__(self) -> None:
         self.raw, self.output = Path(self.raw), Path(self.output)
         if self.processes < 0 or self.batch_size < 1:
             raise UserError("--processes must not be negative and --batch-size must be at least 1")
         self.processes = default_processes(self.processes)
+
+    def distribution(self) -> Distribution:
+        dist = Distribution(
+            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
+        )
+        dist.check()
+        return dist
 
 
 @dataclass
@@ -190,7 +201,7 @@ def model_identity(nlp) -> dict:
     # en_core_web_sm and its PyPI build are the same pipeline and give the same phrases.
     return {
         "model_version": f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}-{nlp.meta.get('version')}",
-        "pipes": nlp.pipe_names,
+        "pipes": list(nlp.pipe_names),
         "algorithm": ALGORITHM_VERSION,
     }
 
@@ -206,17 +217,72 @@ def run_extract_nouns(
     shards = done_shards(cfg.raw)
     if not shards:
         raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
+    dist = cfg.distribution()
+    local = dist.distributor == "local"
     with (
         output_dir(cfg.output, "*.parquet"),
-        Extractor(cfg.model, cfg.processes, cfg.batch_size) as extractor,
+        # Locally, one shard at a time is parsed by a pool of processes; on Ray, each actor
+        # parses whole shards with a pipeline of its own.
+        Extractor(cfg.model, cfg.processes if local else 1, cfg.batch_size) as extractor,
     ):
-        return _extract_all(cfg, shards, extractor, on_start, on_advance)
+        return _extract_all(cfg, shards, extractor, dist, on_start, on_advance)
+
+
+class NounsShard:
+    """Algorithm 1 over one raw shard: its successful rows' captions -> a noun manifest.
+
+    The same job runs in this process (with the run's Extractor, whose pool parses the shard)
+    and in Ray actors, which build their own spaCy pipeline once (``setup``).
+    """
+
+    def __init__(self, cfg: NounsConfig, settings: dict, extractor: Extractor | None = None):
+        self.cfg, self.settings, self.extractor = cfg, settings, extractor
+        self.on_advance: Callable[[int], None] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "extractor": None, "on_advance": None}  # built where it runs
+
+    def setup(self) -> None:
+        if self.extractor is None:
+            self.extractor = Extractor(self.cfg.model, 1, self.cfg.batch_size)
+
+    def __call__(self, todo: tuple[Path, dict]) -> dict:
+        shard, inputs = todo
+        cfg = self.cfg
+        self.setup()
+        table = _successes(shard)
+        captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
+        phrases: list[list[str]] = []
+        # Parse in slices so progress moves within a large shard.
+        step = max(cfg.batch_size * self.extractor.processes * 8, 2048)
+        for start in range(0, len(captions), step):
+            part = captions[start : start + step]
+            phrases += self.extractor(part)
+            if self.on_advance:
+                self.on_advance(len(part))
+        out = pa.table(
+            {
+                "uid": table["uid"],
+                "key": table["key"],
+                "caption": table["caption"],
+                "phrases": pa.array(phrases, pa.list_(pa.string())),
+            },
+            schema=SCHEMA,
+        )
+        write_parquet(cfg.output / shard.name, out, self.settings, inputs)
+        return {
+            "captions": len(captions),
+            "empty_captions": sum(not c for c in captions),
+            "no_phrase": sum(not p for p in phrases),
+            "phrases": sum(len(p) for p in phrases),
+        }
 
 
 def _extract_all(
     cfg: NounsConfig,
     shards: list[Path],
     extractor: Extractor,
+    dist: Distribution,
     on_start: Callable[[int], None] | None,
     on_advance: Callable[[int], None] | None,
 ) -> NounsStats:
@@ -236,32 +302,18 @@ def _extract_all(
         # Row counts from the files' footers: no shard's captions are read before its turn,
         # so memory is bounded by one shard, not by the dataset.
         on_start(sum(_success_count(s) for s, _ in todo))
-    for shard, inputs in todo:
-        table = _successes(shard)
-        captions = [clean_caption(c, cfg.max_caption_chars) for c in table["caption"].to_pylist()]
-        phrases = []
-        # Parse in slices so progress moves within a large shard.
-        step = max(cfg.batch_size * cfg.processes * 8, 2048)
-        for start in range(0, len(captions), step):
-            part = captions[start : start + step]
-            phrases += extractor(part)
-            if on_advance:
-                on_advance(len(part))
-        out = pa.table(
-            {
-                "uid": table["uid"],
-                "key": table["key"],
-                "caption": table["caption"],
-                "phrases": pa.array(phrases, pa.list_(pa.string())),
-            },
-            schema=SCHEMA,
-        )
-        write_parquet(cfg.output / shard.name, out, settings, inputs)
+    if dist.distributor == "local":
+        job = NounsShard(cfg, settings, extractor)
+        job.on_advance = on_advance
+        dist.workers = 1  # shards one after another; the extractor's pool parses each
+    else:
+        job = NounsShard(cfg, settings)
+    for result in run_jobs(job, todo, dist):
+        if on_advance and dist.distributor != "local":
+            on_advance(result["captions"])
         stats.written += 1
-        stats.captions += len(captions)
-        stats.empty_captions += sum(not c for c in captions)
-        stats.no_phrase += sum(not p for p in phrases)
-        stats.phrases += sum(len(p) for p in phrases)
+        for key, value in result.items():
+            setattr(stats, key, getattr(stats, key) + value)
     return stats
 
 

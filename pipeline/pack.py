@@ -31,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.cores import default_processes, parallel_map
+from pipeline.cores import default_processes
+from pipeline.distribute import Distribution, run_jobs
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -63,6 +64,9 @@ class PackConfig:
     max_bytes: int = 500_000_000  # bytes per training shard at most
     processes: int = 0  # raw shards packed in parallel (0: one per core, at most 8)
     overwrite: bool = False
+    distributor: str = "local"  # local processes or ray (Ray Data actors)
+    ray_address: str = ""  # Ray cluster to join (empty: start a local Ray)
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor
 
     def __post_init__(self) -> None:
         self.raw, self.labels, self.output = Path(self.raw), Path(self.labels), Path(self.output)
@@ -87,6 +91,13 @@ class PackConfig:
             for k, v in asdict(self).items()
             if k in ("image_size", "resize", "quality", "max_count", "max_bytes")
         }
+
+    def distribution(self) -> Distribution:
+        dist = Distribution(
+            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
+        )
+        dist.check()
+        return dist
 
 
 @dataclass
@@ -332,7 +343,7 @@ def _pack_all(
     if on_start:
         on_start(len(todo))
     results = []
-    for r in parallel_map(PackShard(cfg), todo, cfg.processes):
+    for r in run_jobs(PackShard(cfg), todo, cfg.distribution()):
         results.append(r)
         if on_advance:
             on_advance(1)
