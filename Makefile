@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/resume.py
+	$(BIN)/python benchmarks/stages.py
 
 lock:  ## refresh requirements/cpu.lock from pyproject.toml and constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)-lock
