@@ -1,10 +1,18 @@
 """The per-shard stages on a local Ray (2 CPUs): the same files as the local run, byte for byte,
 and a Ray run that fails mid-way completes on a rerun with every sample once."""
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -89,3 +97,73 @@ def test_bad_distributor_is_one_line(raw, tmp_path):
     with pytest.raises(UserError, match="--distributor must be one of local, ray"):
         run_extract_nouns(NounsConfig(raw=raw, output=tmp_path / "n", distributor="spark"))
     shutil.rmtree(tmp_path / "n", ignore_errors=True)
+
+
+def _processes_marked(mark: str) -> list[int]:
+    """Processes (Ray's own included) whose environment carries ``mark``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if mark.encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def big_raw(raw: Path, out: Path, copies: int) -> Path:
+    """A raw folder of ``copies`` shards, each the fixture's rows repeated under new keys and
+    uids: enough work per shard that a kill lands between shards."""
+    out.mkdir()
+    rows = [r for p in sorted(raw.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    for s in range(copies):
+        table = [
+            {**r, "uid": f"{r['uid']}{s:02d}{i:04d}", "key": f"{s:05d}{i:04d}"}
+            for i, r in enumerate(rows * 6)
+        ]
+        pq.write_table(pa.Table.from_pylist(table), out / f"{s:05d}.parquet")
+        (out / f"{s:05d}_stats.json").write_text("{}")
+    return out
+
+
+def test_a_killed_ray_command_completes_on_a_rerun(raw, tmp_path):
+    """`synseg-data extract-nouns --distributor ray`, starting its own Ray, SIGKILLed with its
+    process group once some shards are written; the processes Ray started are killed too (as a
+    lost head node would lose them). The same command again writes only the missing shards,
+    the result equals an uninterrupted local run, every caption is there once, no temporary."""
+    big = big_raw(raw, tmp_path / "raw", 8)
+    out, expected = tmp_path / "nouns", tmp_path / "expected"
+    run_extract_nouns(NounsConfig(raw=big, output=expected, processes=1))
+    mark = f"SYNSEG_RAY_KILL_TEST={uuid.uuid4().hex}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        mark.split("=")[0]: mark.split("=")[1],
+    }
+    cmd = [sys.executable, "-m", "pipeline.cli", "extract-nouns", "--raw", str(big)]
+    cmd += ["--output", str(out), "--distributor", "ray", "--processes", "2"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not list(out.glob("[0-9]*.parquet")) and proc.poll() is None:
+            assert time.time() < deadline, "no shard was written"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        for pid in _processes_marked(mark):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    done_at_kill = sorted(p.name for p in out.glob("[0-9]*.parquet"))
+    assert 0 < len(done_at_kill) < 8, done_at_kill
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for pid in _processes_marked(mark):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list(out.glob(".*.tmp"))
+    same_files(expected, out, "*.parquet")
+    uids = [u for p in sorted(out.glob("*.parquet")) for u in pq.read_table(p)["uid"].to_pylist()]
+    statuses = [x for p in big.glob("*.parquet") for x in pq.read_table(p)["status"].to_pylist()]
+    assert len(uids) == len(set(uids)) == statuses.count("success")
