@@ -167,3 +167,29 @@ def test_a_killed_ray_command_completes_on_a_rerun(raw, tmp_path):
     uids = [u for p in sorted(out.glob("*.parquet")) for u in pq.read_table(p)["uid"].to_pylist()]
     statuses = [x for p in big.glob("*.parquet") for x in pq.read_table(p)["status"].to_pylist()]
     assert len(uids) == len(set(uids)) == statuses.count("success")
+
+
+def test_download_on_ray_fetches_what_the_local_download_fetched(world, served, raw, tmp_path):
+    """`download --distributor ray`: img2dataset's own Ray distributor, on the Ray this process
+    already runs; the same rows succeed as in the local download, each once."""
+    from pipeline.download import DownloadConfig, read_status, run_download
+
+    out = tmp_path / "raw"
+    stats = run_download(
+        DownloadConfig(
+            url_list=world / "cc12m.tsv",
+            output=out,
+            samples_per_shard=40,
+            threads=8,
+            timeout=3,
+            image_size=64,
+            distributor="ray",
+        )
+    )
+    assert stats.success > 0
+
+    def ok(folder):
+        rows = read_status(folder).to_pylist()
+        return sorted(r["uid"] for r in rows if r["status"] == "success")
+
+    assert ok(out) == ok(raw) and len(ok(out)) == len(set(ok(out)))
