@@ -41,6 +41,29 @@ SetOpt = Annotated[
 ]
 
 
+# Options that run and encode-labels share: how the settings are made.
+RunPresetOpt = Annotated[str, typer.Option(help="Settings to start from: paper or tiny")]
+ConfigFilesOpt = Annotated[
+    list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")
+]
+RunSetOpt = Annotated[
+    list[str], typer.Option("--set", help="One setting, e.g. optim.lr=1e-4 (repeatable)")
+]
+ShardsOpt = Annotated[str | None, typer.Option(help="Shards folder (data.shards)")]
+RunOutputOpt = Annotated[str | None, typer.Option(help="Run folder (run.output)")]
+RunDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")]
+
+
+def _settings(preset: str, config: list[Path], set_: list[str], **fields):
+    """The resolved settings: the preset, config files, --set, then the named options
+    (``data__shards="x"`` for data.shards), each only when given."""
+    from trainer.train.config import resolve
+
+    overrides = list(set_)
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in fields.items() if v is not None]
+    return resolve(preset, config, overrides)
+
+
 @app.callback()
 def _group() -> None:
     """SynSeg trainer: MCCL training on packed shards."""
@@ -49,38 +72,32 @@ def _group() -> None:
 @app.command()
 @handle_errors
 def run(
-    preset: Annotated[str, typer.Option(help="Settings to start from: paper or tiny")] = "paper",
-    config: Annotated[
-        list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")
-    ] = [],  # noqa: B006
-    set_: Annotated[
-        list[str], typer.Option("--set", help="One setting, e.g. optim.lr=1e-4 (repeatable)")
-    ] = [],  # noqa: B006
-    shards: Annotated[str | None, typer.Option(help="Shards folder (data.shards)")] = None,
-    output: Annotated[str | None, typer.Option(help="Run folder (run.output)")] = None,
+    preset: RunPresetOpt = "paper",
+    config: ConfigFilesOpt = [],  # noqa: B006
+    set_: RunSetOpt = [],  # noqa: B006
+    shards: ShardsOpt = None,
+    output: RunOutputOpt = None,
     steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps (optim.max_steps)")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")] = None,
+    device: RunDeviceOpt = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue the run in --output from its latest checkpoint"),
     ] = False,
 ) -> None:
     """Train SynSeg with Multi-Category Contrastive Learning."""
-    from trainer.train.config import resolve
     from trainer.train.loop import run_train
 
-    overrides = list(set_)
-    for key, value in (
-        ("data.shards", shards),
-        ("run.output", output),
-        ("optim.max_steps", steps),
-        ("run.device", device),
-    ):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = resolve(preset, config, overrides)
+    cfg = _settings(
+        preset,
+        config,
+        set_,
+        data__shards=shards,
+        run__output=output,
+        optim__max_steps=steps,
+        run__device=device,
+    )
     main = int(os.environ.get("RANK", 0)) == 0
     t = time.time()
     columns = [
@@ -134,28 +151,20 @@ def run(
 @app.command("encode-labels")
 @handle_errors
 def encode_labels(
-    preset: Annotated[str, typer.Option(help="Settings to start from: paper or tiny")] = "paper",
-    config: Annotated[
-        list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")
-    ] = [],  # noqa: B006
-    set_: Annotated[
-        list[str],
-        typer.Option("--set", help="One setting, e.g. run.text_cache=cache/ (repeatable)"),
-    ] = [],  # noqa: B006
-    shards: Annotated[str | None, typer.Option(help="Shards folder (data.shards)")] = None,
-    output: Annotated[str | None, typer.Option(help="Run folder (run.output)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")] = None,
+    preset: RunPresetOpt = "paper",
+    config: ConfigFilesOpt = [],  # noqa: B006
+    set_: RunSetOpt = [],  # noqa: B006
+    shards: ShardsOpt = None,
+    output: RunOutputOpt = None,
+    device: RunDeviceOpt = None,
 ) -> None:
     """Encode every label phrase of the shards once, into the cache the run will read."""
     from pipeline.console import progress
-    from trainer.train.config import resolve
     from trainer.train.loop import encode_labels as encode
 
-    overrides = list(set_)
-    for key, value in (("data.shards", shards), ("run.output", output), ("run.device", device)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = resolve(preset, config, overrides)
+    cfg = _settings(
+        preset, config, set_, data__shards=shards, run__output=output, run__device=device
+    )
     t = time.time()
     with progress("encoding label phrases", "phrases") as (total, advance, _):
         stats = encode(cfg, on_start=total, on_encode=advance)
