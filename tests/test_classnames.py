@@ -28,10 +28,11 @@ def same_class(reference: str, synonyms: list[str]) -> bool:
     )
 
 
-@pytest.mark.parametrize("name", ["voc", "context", "stuff", "city", "ade"])
+@pytest.mark.parametrize("name", ["voc", "voc20", "context", "context60", "stuff", "city", "ade"])
 def test_class_file_follows_the_label_order_of_mmsegmentation(name):
     ours = read_classnames(CLASSNAMES / f"{name}.txt")
-    reference = REFERENCE[name]
+    # VOC20 is VOC's label order without background (label 0 ignored, 1..20 -> 0..19).
+    reference = REFERENCE["voc"][1:] if name == "voc20" else REFERENCE[name]
     assert len(ours) == len(reference)
     wrong = [
         (i, r, s)

@@ -24,7 +24,16 @@ def test_classname_files_have_the_benchmark_sizes():
         f.stem: sum(1 for x in f.read_text().splitlines() if x and not x.startswith("#"))
         for f in CLASSNAMES.glob("*.txt")
     }
-    assert sizes == {"voc": 21, "context": 59, "object": 81, "stuff": 171, "city": 19, "ade": 150}
+    assert sizes == {
+        "voc": 21,
+        "voc20": 20,
+        "context": 59,
+        "context60": 60,
+        "object": 81,
+        "stuff": 171,
+        "city": 19,
+        "ade": 150,
+    }
 
 
 @pytest.mark.parametrize("name", ["generic"])

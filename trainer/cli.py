@@ -174,7 +174,9 @@ def encode_labels(
 @app.command("eval")
 @handle_errors
 def eval_(
-    dataset: Annotated[str, typer.Option(help="voc, context, object, stuff, city, ade or world")],
+    dataset: Annotated[
+        str, typer.Option(help="voc, voc20, context, context60, object, stuff, city, ade or world")
+    ],
     data_root: Annotated[str, typer.Option(help="The dataset's folder (MMSegmentation's layout)")],
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = "tiny",

@@ -3,7 +3,9 @@
 | name    | --data-root (MMSegmentation's folder) | labels                                      |
 |---------|---------------------------------------|---------------------------------------------|
 | voc     | VOCdevkit/VOC2012                     | SegmentationClass/*.png, 0 = background     |
+| voc20   | VOCdevkit/VOC2012                     | the same, 0 (background) ignored            |
 | context | VOCdevkit/VOC2010                     | SegmentationClassContext/*.png, 0 ignored   |
+| context60 | VOCdevkit/VOC2010                   | the same, 0 = background                    |
 | object  | coco_stuff164k                        | annotations/val2017/*_instanceTrainIds.png  |
 | stuff   | coco_stuff164k                        | annotations/val2017/*_labelTrainIds.png     |
 | city    | cityscapes                            | gtFine/val/*/*_gtFine_labelTrainIds.png     |
@@ -77,11 +79,29 @@ SPECS = {
         "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
         _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
     ),
+    "voc20": DatasetSpec(
+        "voc20",
+        20,
+        False,
+        True,
+        "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
+        _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
+    ),
     "context": DatasetSpec(
         "context",
         59,
         False,
         True,
+        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
+        _voc_like(
+            "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
+        ),
+    ),
+    "context60": DatasetSpec(
+        "context60",
+        60,
+        True,
+        False,
         "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
         _voc_like(
             "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
