@@ -19,7 +19,7 @@ Class names are data: ``trainer/eval/classnames/<name>.txt`` (one class a line, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,29 +79,11 @@ SPECS = {
         "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
         _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
     ),
-    "voc20": DatasetSpec(
-        "voc20",
-        20,
-        False,
-        True,
-        "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
-        _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
-    ),
     "context": DatasetSpec(
         "context",
         59,
         False,
         True,
-        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
-        _voc_like(
-            "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
-        ),
-    ),
-    "context60": DatasetSpec(
-        "context60",
-        60,
-        True,
-        False,
         "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
         _voc_like(
             "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
@@ -159,6 +141,15 @@ SPECS = {
         )(root),
     ),
 }
+
+# The same files read another way: VOC without its background (label 0 ignored, 1..20 ->
+# 0..19), and Context with its background (label 0, scored by the threshold).
+SPECS["voc20"] = replace(
+    SPECS["voc"], name="voc20", num_classes=20, background=False, reduce_zero_label=True
+)
+SPECS["context60"] = replace(
+    SPECS["context"], name="context60", num_classes=60, background=True, reduce_zero_label=False
+)
 
 
 def read_classnames(path: Path) -> list[list[str]]:
