@@ -51,6 +51,14 @@ class Distribution:
                 ) from None
 
 
+def distribution(cfg) -> Distribution:
+    """The checked Distribution of a stage's config (its ``distributor``, ``processes``,
+    ``ray_address`` and ``cpus_per_worker``)."""
+    dist = Distribution(cfg.distributor, cfg.processes, cfg.ray_address, cfg.cpus_per_worker)
+    dist.check()
+    return dist
+
+
 def connect_ray(address: str = "") -> None:
     """Join the cluster at ``address``, or start a local Ray on this machine's cores; a Ray
     already initialised in this process (a test's, a notebook's) is used as it is."""
@@ -84,7 +92,7 @@ class _Actor:
                 results.append(pickle.dumps(self.job(pickle.loads(item))))
             except UserError as e:  # the stage's own one-line error, sent back as a result
                 results.append(pickle.dumps(_Failed(str(e))))
-        return {"index": batch["index"], "result": results}
+        return {"result": results}
 
 
 @dataclass
@@ -105,7 +113,7 @@ def run_jobs(job: Callable[[T], R], items: Sequence[T], dist: Distribution) -> I
     ctx.enable_progress_bars = False  # the stage's own bar on the driver says it
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    rows = [{"index": i, "item": pickle.dumps(x)} for i, x in enumerate(items)]
+    rows = [{"item": pickle.dumps(x)} for x in items]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _Actor,
         fn_constructor_args=(pickle.dumps(job),),

@@ -23,7 +23,7 @@ import ahocorasick
 import pyarrow as pa
 
 from pipeline.cores import default_processes
-from pipeline.distribute import Distribution, run_jobs
+from pipeline.distribute import distribution, run_jobs
 from pipeline.errors import UserError
 from pipeline.fsutil import (
     check_done,
@@ -84,13 +84,6 @@ class FilterConfig:
         if problems:
             raise UserError("; ".join(problems))
         self.processes = default_processes(self.processes)
-
-    def distribution(self) -> Distribution:
-        dist = Distribution(
-            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
-        )
-        dist.check()
-        return dist
 
 
 @dataclass
@@ -343,7 +336,7 @@ def _filter_all(
     job = FilterShard(cfg, matcher, allow, settings)
     # Matching is fast (millions of phrases/s): worker processes pay off only on large inputs,
     # where reading and writing Parquet dominates; small ones run here.
-    dist = cfg.distribution()
+    dist = distribution(cfg)
     if dist.distributor == "local" and sum(p.stat().st_size for p in shards) <= POOL_MIN_BYTES:
         dist.workers = 1
     for written, out in run_jobs(job, shards, dist):

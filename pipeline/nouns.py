@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.cores import default_processes, worker_ignores_sigint
-from pipeline.distribute import Distribution, run_jobs
+from pipeline.distribute import Distribution, distribution, run_jobs
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -72,13 +72,6 @@ class NounsConfig:
         if self.processes < 0 or self.batch_size < 1:
             raise UserError("--processes must not be negative and --batch-size must be at least 1")
         self.processes = default_processes(self.processes)
-
-    def distribution(self) -> Distribution:
-        dist = Distribution(
-            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
-        )
-        dist.check()
-        return dist
 
 
 @dataclass
@@ -217,7 +210,7 @@ def run_extract_nouns(
     shards = done_shards(cfg.raw)
     if not shards:
         raise UserError(f"no finished shards in {cfg.raw} (no NNNNN.parquet with NNNNN_stats.json)")
-    dist = cfg.distribution()
+    dist = distribution(cfg)
     local = dist.distributor == "local"
     with (
         output_dir(cfg.output, "*.parquet"),

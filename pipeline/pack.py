@@ -32,7 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.cores import default_processes
-from pipeline.distribute import Distribution, run_jobs
+from pipeline.distribute import distribution, run_jobs
 from pipeline.download import done_shards
 from pipeline.errors import UserError
 from pipeline.fsutil import (
@@ -91,13 +91,6 @@ class PackConfig:
             for k, v in asdict(self).items()
             if k in ("image_size", "resize", "quality", "max_count", "max_bytes")
         }
-
-    def distribution(self) -> Distribution:
-        dist = Distribution(
-            self.distributor, self.processes, self.ray_address, self.cpus_per_worker
-        )
-        dist.check()
-        return dist
 
 
 @dataclass
@@ -343,7 +336,7 @@ def _pack_all(
     if on_start:
         on_start(len(todo))
     results = []
-    for r in run_jobs(PackShard(cfg), todo, cfg.distribution()):
+    for r in run_jobs(PackShard(cfg), todo, distribution(cfg)):
         results.append(r)
         if on_advance:
             on_advance(1)
