@@ -68,7 +68,7 @@ def test_a_resumed_stream_gives_the_same_batches(shards, counted, buffer):
 
 def test_a_resume_refuses_other_shards(shards, tmp_path):
     it = iter(stream(shards))
-    state = json.loads([next(it) for _ in range(3)][-1]["state"])
+    state = dict([next(it) for _ in range(3)][-1]["state"])
     state["shards"] = "0" * 16
     resumed = stream(shards)
     resumed.set_epoch(0, {"offset": 0, "workers": {"0": state}})

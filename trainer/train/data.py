@@ -245,8 +245,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # After a resume the loader's worker 0 must produce the batch the next worker in line
         # would have: workers take their role (shards, random draws) from the offset.
         worker = (wid + resume["offset"]) % workers
-        state = resume["workers"].get(str(worker))  # as saved (an object) or as sent (JSON)
-        state = json.loads(state) if isinstance(state, str) else state
+        state = resume["workers"].get(str(worker))
         for cycle in itertools.count(state["cycle"] if state else 0):
             rng = random.Random(f"{self.seed}/{self.epoch}/{cycle}/{self.rank}/{worker}")
             urls = self._my_shards(cycle, worker, workers)
@@ -274,7 +273,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         "captions": captions,
                         "bad": bad[0],
                         "worker": worker,
-                        "state": json.dumps(cur.snapshot(rng, shards_id)),
+                        "state": cur.snapshot(rng, shards_id),
                     }
                     images, labels, captions, bad[0] = [], [], [], 0
             if not produced and cycle > 0:

@@ -497,7 +497,7 @@ def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
     """A checkpoint of the main process, with every rank's stream positions in it."""
     path = ""
     _check_ranks_agree(model, env, step)
-    mine = {w: json.loads(v) if isinstance(v, str) else v for w, v in where["positions"].items()}
+    mine = where["positions"]
     ranks = [mine]
     if env.world > 1:
         ranks = [None] * env.world
