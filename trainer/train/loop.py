@@ -253,7 +253,7 @@ class _Step:
     device, and a non-finite loss is remembered there (its step) until the next log line."""
 
     def __init__(self, cfg, model, net, opt, cache, vocab, env, device) -> None:
-        self.cfg, self.model, self.net, self.opt = cfg, model, net, opt
+        self.cfg, self.net, self.opt = cfg, net, opt
         self.cache, self.vocab, self.env, self.device = cache, vocab, env, device
         self.params = model.trainable_parameters()
         self.loss_fn = MCCLoss(cfg.loss)
