@@ -1,10 +1,17 @@
-"""Images per second of eval-style inference, against running the model once per class prompt.
+"""Images per second of eval-style inference, against running the model once per class prompt;
+then of the whole eval path (resize, windows, probabilities) per method and protocol.
 
 Eval runs the frozen backbone once per crop and the decoder over all (crop, class) pairs at
 once. The baseline, measured in the same run on the same images, is the straightforward use of
 a CLIPSeg-style model: one full forward pass (backbone included) per class prompt. Both must
 give the same logits. On a GPU the ViT-B-16 figures are set beside the paper's 71 FPS (14 ms
 per image, RTX 4090).
+
+The second part runs ``Segmenter`` (what ``synseg-train eval`` runs per image) on VOC-sized
+pictures (500 x 375) for every method under both protocols, against SynSeg under the ``tcl``
+protocol in the same run. On the CPU it uses the tiny model with the geometry the world uses
+(the protocols scaled to its 64-px input); on a GPU, ViT-B-16 at the protocols' own sizes, in
+bf16, set beside the paper's 71 FPS.
 
     python benchmarks/infer.py [--images 8] [--classes 21]
 """
@@ -90,6 +97,59 @@ def measure(
         )
 
 
+def protocols(
+    name: str, cfg: ModelConfig, world: bool, n_images: int, n_classes: int, device, bf16: bool
+) -> None:
+    from PIL import Image
+
+    from trainer.eval.evaluate import EvalConfig
+    from trainer.eval.infer import Segmenter
+    from trainer.eval.methods import TRAINING_FREE
+    from trainer.eval.protocols import PROTOCOLS
+
+    torch.manual_seed(0)
+    model = SynSeg(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    images = [
+        Image.fromarray((torch.rand(375, 500, 3, generator=g) * 255).byte().numpy())
+        for _ in range(n_images)
+    ]
+    classes = [[f"class {i}"] for i in range(n_classes)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    size = model.backbone.train_size
+    print(f"{name}: whole eval path, {n_images} images of 500 x 375, {n_classes} classes")
+    base = None
+    for protocol in PROTOCOLS:
+        for method in ("synseg", *TRAINING_FREE):
+            ev = EvalConfig(
+                dataset="world" if world else "voc20",
+                data_root=".",
+                method=method,
+                protocol=protocol,
+            )
+            infer = ev.inference(size)
+            templates = PROTOCOLS[protocol].templates
+            from trainer.eval.infer import read_templates
+
+            seg = Segmenter(model, classes, read_templates(templates)[:1], infer, method=method)
+            with autocast:
+                seg.predict(images[0], (375, 500))  # warm up
+                sync(device)
+                t = time.perf_counter()
+                for img in images:
+                    seg.predict(img, (375, 500))
+                sync(device)
+            rate = n_images / (time.perf_counter() - t)
+            base = base or rate
+            line = (
+                f"  {protocol:5s} {method:9s} short {infer.short_side} window {infer.window}/"
+                f"{infer.stride}: {rate:8.2f} images/s  {rate / base:.2f}x synseg-tcl"
+            )
+            if not world and method == "synseg" and protocol == "tcl":
+                line += f"  (paper: {PAPER_FPS:.0f} images/s, RTX 4090)"
+            print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=8)
@@ -97,6 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     tiny = ModelConfig(arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), ffn_dim=256)
     measure("tiny preset", tiny, 64, args.images, args.classes, torch.device("cpu"), False, False)
+    protocols("tiny preset", tiny, True, args.images, args.classes, torch.device("cpu"), False)
     if torch.cuda.is_available():
         vit = ModelConfig(arch="ViT-B-16-quickgelu", pretrained=None, taps=(3, 6, 9))
         for size in (224, 448):
@@ -110,8 +171,9 @@ def main() -> None:
                 True,
                 True,
             )
+        protocols("ViT-B-16", vit, False, args.images, args.classes, torch.device("cuda"), True)
     else:
-        print("ViT-B-16 at 224 and 448: skipped (no CUDA device)")
+        print("ViT-B-16 at 224 and 448, and per protocol: skipped (no CUDA device)")
 
 
 if __name__ == "__main__":

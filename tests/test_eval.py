@@ -52,11 +52,11 @@ def test_synonyms_take_the_best_name_and_slide_covers_the_image():
         ["a photo of a {}."],
         InferConfig(short_side=16, window=16, stride=8),
     )
-    logits = seg.class_logits(Image.new("RGB", (32, 16)), (16, 32))
-    assert logits.shape == (3, 16, 32)
+    probs = seg.class_probs(Image.new("RGB", (32, 16)), (16, 32))
+    assert probs.shape == (3, 16, 32)
     # the image is 16 x 32: three 16x16 windows at x = 0, 8, 16 (one backbone batch)
     assert model.calls == [(3, 3, 16, 16)]
-    assert torch.allclose(logits[0, :, 0], torch.tensor(5.0))  # 'cat' beats 'kitty'
+    assert torch.allclose(probs[0, :, 0], torch.sigmoid(torch.tensor(5.0)))  # 'cat' beats 'kitty'
     pred, act = seg.predict(Image.new("RGB", (32, 16)), (16, 32))
     assert pred[:, :4].tolist() == [[0] * 4] * 16 and pred[:, -4:].tolist() == [[1] * 4] * 16
 
@@ -128,15 +128,12 @@ def test_eval_on_the_world_from_the_command_line(world, checkpoint):
     assert record["images"] == 6 and len(record["per_class"]) == 10
     assert 0 <= record["mIoU"] <= 1
     s = record["settings"]
-    assert s["inference"] == {
-        "mode": "slide",
-        "short_side": 64,
-        "window": 64,
-        "stride": 32,
-        "bg_threshold": 0.5,
-        "chunk": 256,
-    }
-    assert s["templates_used"] == ["a photo of a {}."] and s["normalisation"] == "clip"
+    # The tcl protocol, scaled to the 64-px model: 448 / 448 / 224 become 128 / 128 / 64.
+    want = {"short_side": 128, "long_side": 585, "window": 128, "stride": 64, "average": "prob"}
+    assert {k: s["inference"][k] for k in want} == want
+    assert s["inference"]["synonyms"] is False and s["inference"]["pamr"] == "off"
+    assert s["method"] == "synseg" and s["protocol"] == "tcl"
+    assert s["templates_used"] == read_templates("tcl9") and s["normalisation"] == "clip"
     md = (ckpt / "eval-world.md").read_text()
     assert "| grass |" in md and f"{100 * record['mIoU']:.1f}" in md
 
@@ -182,14 +179,11 @@ def test_metric_matches_a_manual_count_on_the_world(world, checkpoint):
     from trainer.eval.evaluate import EvalConfig, run_eval
     from trainer.train.loop import load_model
 
-    res = run_eval(
-        EvalConfig(dataset="world", data_root=str(world), checkpoint=str(checkpoint), limit=4)
-    )
+    cfg = EvalConfig(dataset="world", data_root=str(world), checkpoint=str(checkpoint), limit=4)
+    res = run_eval(cfg)
     model, _ = load_model(checkpoint)
     data = open_dataset("world", world, limit=4)
-    seg = Segmenter(
-        model, data.classes, ["a photo of a {}."], InferConfig(short_side=64, window=64, stride=32)
-    )
+    seg = Segmenter(model, data.classes, read_templates("tcl9"), cfg.inference(64))
     inter = np.zeros(10)
     union = np.zeros(10)
     for s in data.samples:

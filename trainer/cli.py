@@ -36,6 +36,13 @@ DecoderInitOpt = Annotated[
 ]
 TemplatesOpt = Annotated[str, typer.Option(help="Prompt templates: single, clip7 or a file")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        help="synseg (the checkpoint's decoder), clipseg (--decoder-init's), or a training-free "
+        "method on the same backbone: maskclip, sclip, clearclip, naclip"
+    ),
+]
 SetOpt = Annotated[
     list[str], typer.Option("--set", help="Untrained model's setting, e.g. model.normalise=clip")
 ]
@@ -185,17 +192,42 @@ def eval_(
     classes: Annotated[
         str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
     ] = None,
-    templates: TemplatesOpt = "single",
+    method: MethodOpt = "synseg",
+    protocol: Annotated[
+        str, typer.Option(help="tcl (TCL/GroupViT's harness) or sclip (SCLIP/NACLIP/ClearCLIP's)")
+    ] = "tcl",
+    pamr: Annotated[
+        bool, typer.Option("--pamr", help="PAMR refinement, as the protocol applies it")
+    ] = False,
+    templates: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt templates: tcl9, imagenet80, clip7, single or a file (default: the protocol's)"
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
     mode: Annotated[str, typer.Option(help="slide or whole")] = "slide",
     short_side: Annotated[
-        int, typer.Option(help="Resize short side to this (0: 448; world: training size)")
+        int, typer.Option(help="Short side after resizing (0: the protocol's)")
     ] = 0,
-    window: Annotated[int, typer.Option(help="Sliding window (0: the short side)")] = 0,
-    stride: Annotated[int, typer.Option(help="Sliding stride (0: half the window)")] = 0,
+    long_side: Annotated[
+        int | None, typer.Option(help="Cap on the long side (0: none; default: the protocol's)")
+    ] = None,
+    window: Annotated[int, typer.Option(help="Sliding window (0: the protocol's)")] = 0,
+    stride: Annotated[int, typer.Option(help="Sliding stride (0: the protocol's)")] = 0,
+    average: Annotated[
+        str | None,
+        typer.Option(help="What windows average: prob or score (default: the protocol's)"),
+    ] = None,
     bg_threshold: Annotated[
-        float, typer.Option(help="Background below this activation (VOC, Object)")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Background where no class probability is above this (default: the protocol's)"
+        ),
+    ] = None,
+    logit_scale: Annotated[
+        float, typer.Option(help="Softmax temperature of training-free cosines (0: the method's)")
+    ] = 0.0,
     output: Annotated[
         str | None,
         typer.Option(help="Folder for the result files (default: beside the checkpoint)"),
@@ -216,19 +248,27 @@ def eval_(
         decoder_init=decoder_init,
         overrides=tuple(set_),
         classes=classes,
+        method=method,
+        protocol=protocol,
+        pamr=pamr,
         templates=templates,
         limit=limit,
         mode=mode,
         short_side=short_side,
+        long_side=long_side,
         window=window,
         stride=stride,
+        average=average,
         bg_threshold=bg_threshold,
+        logit_scale=logit_scale,
         output=output,
         device=device,
     )
     with progress(f"evaluating {dataset}", "images") as (total, advance, _):
         res = run_eval(cfg, on_start=total, on_advance=advance)
-    table = Table(title=f"{dataset}, per class (%)", title_justify="left")
+    table = Table(
+        title=f"{dataset}, {method}, {protocol} protocol, per class (%)", title_justify="left"
+    )
     for col in ("class", "IoU", "Acc"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, v in res.per_class.items():
@@ -239,6 +279,32 @@ def eval_(
         f"({res.images} images, {res.images_per_second:.1f} images/s)"
     )
     out.print(f"written: {', '.join(res.files)}")
+
+
+@app.command()
+@handle_errors
+def prepare(
+    dataset: Annotated[str, typer.Argument(help="voc, context, object, stuff, city or ade")],
+    source: Annotated[str, typer.Option(help="The dataset as its authors publish it")],
+    output: Annotated[
+        str, typer.Option(help="Folder for MMSegmentation's layout (--data-root of eval)")
+    ],
+    annotations: Annotated[
+        str | None, typer.Option(help="context: trainval_merged.json (default: in --source)")
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes (0: one per core, at most 8)")
+    ] = 0,
+) -> None:
+    """Convert a benchmark's validation split into the layout eval reads (no mmcv needed)."""
+    from pipeline.console import progress
+    from trainer.eval.prepare import PrepareConfig, run_prepare
+
+    cfg = PrepareConfig(dataset, source, output, annotations, processes)
+    t = time.time()
+    with progress(f"preparing {dataset}", "images") as (total, advance, _):
+        stats = run_prepare(cfg, on_start=total, on_advance=advance)
+    summary(f"prepare {dataset}", stats, time.time() - t)
 
 
 @app.command()
@@ -255,6 +321,7 @@ def segment(
         float, typer.Option(help="Activation a pixel needs to be shown as a class")
     ] = 0.5,
     templates: TemplatesOpt = "single",
+    method: MethodOpt = "synseg",
     short_side: Annotated[
         int, typer.Option(help="Resize short side to this (0: the model's training size)")
     ] = 0,
@@ -267,8 +334,10 @@ def segment(
     from pipeline.console import out
     from trainer.eval.evaluate import build_model, resolve_device
     from trainer.eval.infer import InferConfig, Segmenter, read_templates
+    from trainer.eval.methods import check_weights
     from trainer.eval.visualize import write_pictures
 
+    check_weights(method, checkpoint, decoder_init)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise UserError("--classes needs at least one class name")
@@ -288,7 +357,10 @@ def segment(
         model,
         [[n] for n in names],
         read_templates(templates),
-        InferConfig(mode=mode, short_side=short, window=short, stride=max(1, short // 2)),
+        InferConfig(
+            mode=mode, short_side=short, long_side=0, window=short, stride=max(1, short // 2)
+        ),
+        method=method,
     )
     for path, img, stem in zip(images, loaded, picture_stems(images), strict=True):
         _, act = seg.predict(img, (img.height, img.width))

@@ -1,7 +1,8 @@
 """eval: zero-shot mIoU of a checkpoint (or of an untrained model) on a validation split.
 
 The result, with every setting that produced it, goes to ``eval-<dataset>.json`` and
-``eval-<dataset>.md`` beside the checkpoint (``--output`` for an untrained model).
+``eval-<dataset>.md`` beside the checkpoint (``--output`` for an untrained model); another
+method, protocol or PAMR adds to the name (``eval-voc-naclip-sclip-pamr.json``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer.eval.datasets import open_dataset
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
+from trainer.eval.methods import TRAINING_FREE
 from trainer.eval.metrics import IoUAccumulator
+from trainer.eval.protocols import get_protocol
 
 
 @dataclass
@@ -29,26 +32,65 @@ class EvalConfig:
     decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
     overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
     classes: str | None = None  # class file (default: trainer/eval/classnames/<dataset>.txt)
-    templates: str = "single"  # prompt templates: a name in trainer/eval/templates or a file
-    limit: int = 0  # evaluate only the first N images (0: all)
+    method: str = "synseg"  # synseg, clipseg or a training-free method (trainer.eval.methods)
+    protocol: str = "tcl"  # tcl or sclip (trainer.eval.protocols): the defaults below
+    pamr: bool = False  # PAMR refinement, where the protocol applies it
+    # Each of these, when given, replaces the protocol's value.
+    templates: str | None = None  # prompt templates: a name in trainer/eval/templates or a file
     mode: str = "slide"
-    short_side: int = 0  # 0: 448, or the model's training size on the world
-    window: int = 0  # 0: the short side
-    stride: int = 0  # 0: half the window
-    bg_threshold: float = 0.5
+    short_side: int = 0
+    long_side: int | None = None  # 0: no cap
+    window: int = 0
+    stride: int = 0
+    average: str | None = None  # prob or score
+    bg_threshold: float | None = None
+    synonyms: bool | None = None
+    logit_scale: float = 0.0  # training-free methods' softmax temperature (0: the method's)
+    limit: int = 0  # evaluate only the first N images (0: all)
     output: str | None = None  # where results go (default: beside the checkpoint)
     device: str = "auto"
     seed: int = 0  # fresh decoder weights of an untrained model
 
     def __post_init__(self) -> None:
+        from trainer.eval.methods import check_weights
+        from trainer.eval.protocols import get_protocol
+
+        check_weights(self.method, self.checkpoint, self.decoder_init)
+        get_protocol(self.protocol)
         problems = []
         for name in ("limit", "short_side", "window", "stride"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
-        if not 0 <= self.bg_threshold <= 1:
+        if self.bg_threshold is not None and not 0 <= self.bg_threshold <= 1:
             problems.append("--bg-threshold must be in [0, 1]")
         if problems:
             raise UserError("; ".join(problems))
+
+    def inference(self, model_size: int) -> InferConfig:
+        """The protocol's settings on this dataset, with every given override applied."""
+        from trainer.eval.protocols import geometry, get_protocol
+
+        p = get_protocol(self.protocol)
+        short, long, window, stride = geometry(p, self.dataset, model_size)
+        thr = p.bg_threshold_pamr if self.pamr else p.bg_threshold
+
+        def pick(given, default):
+            return default if given is None else given
+
+        window = self.window or (window if not self.short_side else min(window, self.short_side))
+        return InferConfig(
+            mode=self.mode,
+            short_side=self.short_side or short,
+            long_side=pick(self.long_side, long),
+            window=window,
+            stride=self.stride or min(stride, window),
+            average=pick(self.average, p.average),
+            bg_threshold=pick(self.bg_threshold, thr),
+            synonyms=pick(self.synonyms, p.synonyms),
+            pamr=p.pamr_on if self.pamr else "off",
+            pamr_dilations=p.pamr_dilations,
+            logit_scale=self.logit_scale,
+        )
 
 
 @dataclass
@@ -102,20 +144,14 @@ def run_eval(
 ) -> EvalResult:
     device = resolve_device(cfg.device)
     data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
-    templates = read_templates(cfg.templates)
     model, train_cfg, ckpt = build_model(
         cfg.checkpoint, cfg.preset, cfg.decoder_init, device, cfg.seed, tuple(cfg.overrides)
     )
-    short = cfg.short_side or (train_cfg.data.image_size if cfg.dataset == "world" else 448)
-    window = cfg.window or short
-    infer = InferConfig(
-        mode=cfg.mode,
-        short_side=short,
-        window=window,
-        stride=cfg.stride or max(1, window // 2),
-        bg_threshold=cfg.bg_threshold,
+    infer = cfg.inference(model.backbone.train_size)
+    templates = read_templates(cfg.templates or get_protocol(cfg.protocol).templates)
+    seg = Segmenter(
+        model, data.classes, templates, infer, background=data.spec.background, method=cfg.method
     )
-    seg = Segmenter(model, data.classes, templates, infer, background=data.spec.background)
     acc = IoUAccumulator(data.num_classes)
     if on_start:
         on_start(len(data.samples))
@@ -137,13 +173,14 @@ def run_eval(
         "templates_used": templates,
         "checkpoint_folder": str(ckpt) if ckpt else None,
         "model": train_cfg.model.__dict__ | {"taps": list(train_cfg.model.taps)},
-        "normalisation": model.normalisation,
+        "normalisation": "clip" if cfg.method in TRAINING_FREE else model.normalisation,
         "torch": torch.__version__,
         "device": str(device),
     }
     record = {"dataset": cfg.dataset, **summary, "images_per_second": rate, "settings": settings}
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"eval-{cfg.dataset}.json", out / f"eval-{cfg.dataset}.md"
+    stem = result_stem(cfg)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     write_json(json_path, record)
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown(record))
@@ -157,6 +194,18 @@ def run_eval(
         [str(json_path), str(md_path)],
         summary["per_class"],
     )
+
+
+def result_stem(cfg: EvalConfig) -> str:
+    """eval-<dataset>, then -<method> unless synseg, -<protocol> unless tcl, -pamr with PAMR."""
+    parts = [f"eval-{cfg.dataset}"]
+    if cfg.method != "synseg":
+        parts.append(cfg.method)
+    if cfg.protocol != "tcl":
+        parts.append(cfg.protocol)
+    if cfg.pamr:
+        parts.append("pamr")
+    return "-".join(parts)
 
 
 def _pct(x: float | None) -> str:
@@ -179,11 +228,13 @@ def markdown(record: dict) -> str:
         "checkpoint_folder",
         "preset",
         "decoder_init",
+        "method",
+        "protocol",
+        "pamr",
         "data_root",
         "classes",
         "templates",
         "limit",
-        "bg_threshold",
         "normalisation",
     ):
         lines.append(f"| {key} | {s.get(key)} |")

@@ -1,19 +1,25 @@
-"""Zero-shot inference: class prompts -> per-pixel class scores -> a label map.
+"""Zero-shot inference: class prompts -> per-pixel class probabilities -> a label map.
 
-Per image: resize so the short side is ``short_side`` (keeping the aspect ratio), then either
-slide a ``window`` x ``window`` crop with ``stride`` (TCL's protocol, as MMSegmentation's
-``slide_inference``: overlapping logits are averaged) or run the whole image. All crops of an
-image go through the backbone in one batch, and the decoder runs over every (crop, prompt)
-pair. Logits are resized back to the label's size before the argmax.
+Per image: rescale keeping the aspect ratio so the short side is ``short_side`` and the long
+side at most ``long_side`` (mmcv's ``imrescale``: the smaller of the two factors, sizes rounded
+half up, OpenCV's bilinear resize), then slide a ``window`` with ``stride`` as
+MMSegmentation's ``slide_inference`` does (the last window of a row or column shifted back
+inside the image; a side shorter than the window is taken whole), or run the whole image.
 
-A class may have several names (synonyms): its score is its best name's. Each name's
-embedding is the mean over the prompt templates. For datasets with a background class, a
-pixel is background when no class's activation (sigmoid) reaches ``bg_threshold``.
+Each window gives a score per class name: the decoder's logit (``synseg``, ``clipseg``), or a
+training-free method's cosine (``trainer.eval.methods``). Its probability is the logit's
+sigmoid, or the softmax over all names of ``logit_scale`` x the cosines. ``average="prob"``
+averages the windows' probabilities (TCL's protocol); ``average="score"`` averages their scores
+and converts the average (the SCLIP family's). The average is resized (bilinear) to the
+label's size, a class takes its best name, and, on datasets with a background, a pixel is
+background where no class's probability is above ``bg_threshold``. PAMR (``pamr="window"`` or
+``"image"``) refines each window's map, or the whole image's averaged map, against the
+normalised image. The protocols in ``trainer.eval.protocols`` set all of this.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
+from trainer.eval.methods import LOGIT_SCALE, TRAINING_FREE, DenseCLIP, check_method
+from trainer.eval.pamr import TCL_DILATIONS, pamr
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
@@ -41,16 +49,54 @@ def read_templates(name_or_path: str) -> list[str]:
     return lines
 
 
+def rescale_size(width: int, height: int, short: int, long: int) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` for ``scale=(long, short)``: (new width, new height)."""
+    factor = short / min(width, height)
+    if long:
+        factor = min(factor, long / max(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def resize_bilinear(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """mmcv's ``imresize`` (OpenCV, bilinear) of an (H, W, 3) uint8 image."""
+    import cv2
+
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def window_boxes(H: int, W: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """MMSegmentation's sliding-window grid: (y1, x1, y2, x2) of every window."""
+    rows = max(H - window + stride - 1, 0) // stride + 1
+    cols = max(W - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + window, H), min(c * stride + window, W)
+            boxes.append((max(y2 - window, 0), max(x2 - window, 0), y2, x2))
+    return boxes
+
+
 @dataclass
 class InferConfig:
     mode: str = "slide"  # slide or whole
-    short_side: int = 448  # images are resized so their short side is this
+    short_side: int = 448  # images are rescaled so their short side is this...
+    long_side: int = 2048  # ...and their long side at most this (0: no cap)
     window: int = 448  # sliding window side
     stride: int = 224  # sliding window stride
-    bg_threshold: float = 0.5  # background where no class activation reaches this
+    average: str = "prob"  # what overlapping windows average: prob or score
+    bg_threshold: float = 0.5  # background where no class probability is above this
+    synonyms: bool = True  # every name of a class (its best scores), or only the first
+    pamr: str = "off"  # off, window (each window's map) or image (the averaged map)
+    pamr_iters: int = 10
+    pamr_dilations: tuple[int, ...] = field(default_factory=lambda: TCL_DILATIONS)
+    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the method's own)
     chunk: int = 256  # (crop, prompt) pairs per decoder call
+    crops_per_pass: int = 8  # windows through the backbone at once
 
     def __post_init__(self) -> None:
+        self.pamr_dilations = tuple(self.pamr_dilations)
         problems = []
         if self.mode not in ("slide", "whole"):
             problems.append("--mode must be slide or whole")
@@ -58,14 +104,23 @@ class InferConfig:
             problems.append(
                 "--short-side and --window must be at least 16, and 0 < --stride <= --window"
             )
+        if self.long_side and self.long_side < self.short_side:
+            problems.append("--long-side must be 0 (no cap) or at least --short-side")
+        if self.average not in ("prob", "score"):
+            problems.append("--average must be prob or score")
+        if self.pamr not in ("off", "window", "image"):
+            problems.append("pamr must be off, window or image")
         if not 0 <= self.bg_threshold <= 1:
             problems.append("--bg-threshold must be in [0, 1]")
+        if self.logit_scale < 0:
+            problems.append("--logit-scale must not be negative")
         if problems:
             raise UserError("; ".join(problems))
 
 
 class Segmenter:
-    """A trained model plus class prompts: images in, label maps (and scores) out."""
+    """A model (or a training-free method on its backbone) plus class prompts: images in,
+    label maps and class probabilities out."""
 
     def __init__(
         self,
@@ -74,10 +129,14 @@ class Segmenter:
         templates: list[str],
         cfg: InferConfig,
         background: bool = False,
+        method: str = "synseg",
     ) -> None:
-        self.model, self.cfg, self.background = model, cfg, background
+        check_method(method)
+        self.model, self.cfg, self.background, self.method = model, cfg, background, method
         self.device = next(model.parameters()).device
         named = classes[1:] if background else classes  # background is a threshold, not a prompt
+        if not cfg.synonyms:
+            named = [names[:1] for names in named]
         self.names = [n for names in named for n in names]
         owner = [c for c, names in enumerate(named) for _ in names]
         self.groups = [
@@ -85,66 +144,90 @@ class Segmenter:
             for c in range(len(named))
         ]  # the names of each class
         self.num_classes = len(named)
-        emb = model.backbone.encode_text([t.format(n) for n in self.names for t in templates])
-        self.text = (
-            emb.view(len(self.names), len(templates), -1).mean(1).to(self.device)
-        )  # (names, d)
+        if method in TRAINING_FREE:
+            self.dense = DenseCLIP(model.backbone, method).to(self.device)
+            self.text = self.dense.encode_classes(self.names, templates).to(self.device)
+            self.scale = cfg.logit_scale or LOGIT_SCALE[method]
+        else:
+            self.dense = None
+            emb = model.backbone.encode_text([t.format(n) for n in self.names for t in templates])
+            self.text = emb.view(len(self.names), len(templates), -1).mean(1).to(self.device)
 
-    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-        return x.to(self.device)
+    # ------------------------------------------------------------------ pieces
 
-    def _resize(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        s = self.cfg.short_side / min(w, h)
-        p = self.model.backbone.patch_size
+    def _array(self, img: Image.Image) -> np.ndarray:
+        """The image as the protocol rescales it, (H, W, 3) uint8."""
+        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        w, h = rescale_size(img.width, img.height, self.cfg.short_side, self.cfg.long_side)
         if self.cfg.mode == "whole":  # the whole image must tile into patches
-            return img.resize(
-                (max(p, round(w * s / p) * p), max(p, round(h * s / p) * p)), Image.BICUBIC
-            )
-        return img.resize(
-            (max(self.cfg.window, round(w * s)), max(self.cfg.window, round(h * s))), Image.BICUBIC
-        )
+            p = self.model.backbone.patch_size
+            w, h = max(p, round(w / p) * p), max(p, round(h / p) * p)
+        return resize_bilinear(arr, w, h)
 
-    def _crops(self, H: int, W: int) -> list[tuple[int, int, int, int]]:
-        win, st = self.cfg.window, self.cfg.stride
-        rows = max(H - win + st - 1, 0) // st + 1
-        cols = max(W - win + st - 1, 0) // st + 1
-        boxes = []
-        for r in range(rows):
-            for c in range(cols):
-                y2, x2 = min(r * st + win, H), min(c * st + win, W)
-                boxes.append((max(y2 - win, 0), max(x2 - win, 0), y2, x2))
-        return boxes
+    def _scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """Scores (n, names, h, w) of crops (n, 3, h, w) in [0, 1]."""
+        if self.dense is not None:
+            return self.dense.scores(crops, self.text)
+        return self.model.segment(crops, self.text, self.cfg.chunk)
+
+    def _prob(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.dense is not None:
+            return torch.softmax(self.scale * scores, dim)
+        return torch.sigmoid(scores)
+
+    def _refine(self, image01: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """PAMR of maps (n, names, h, w) against images (n, 3, H, W) in [0, 1]."""
+        norm = self.dense if self.dense is not None else self.model  # what the backbone sees
+        image = (image01 - norm.mean.to(image01.dtype)) / norm.std.to(image01.dtype)
+        return pamr(image, maps, self.cfg.pamr_iters, self.cfg.pamr_dilations)
+
+    # ------------------------------------------------------------------ the map
 
     @torch.no_grad()
-    def class_logits(self, img: Image.Image, out_size: tuple[int, int]) -> torch.Tensor:
-        """(C, H, W) logits at ``out_size`` (H, W), each class its best name."""
-        x = self._to_tensor(self._resize(img))  # (3, H', W')
+    def name_probs(self, img: Image.Image, out_size: tuple[int, int]) -> torch.Tensor:
+        """(names, H, W) probabilities at ``out_size`` (H, W)."""
+        arr = self._array(img)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self.device, torch.float32) / 255
         H, W = x.shape[-2:]
         if self.cfg.mode == "whole":
-            logits = self.model.segment(x[None], self.text, self.cfg.chunk)[0]  # (names, H', W')
+            boxes = [(0, 0, H, W)]
         else:
-            boxes = self._crops(H, W)
-            crops = torch.stack([x[:, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes])
-            out = self.model.segment(crops, self.text, self.cfg.chunk)  # (crops, names, win, win)
-            logits = torch.zeros(len(self.names), H, W, device=self.device)
-            count = torch.zeros(1, H, W, device=self.device)
-            for (y1, x1, y2, x2), o in zip(boxes, out, strict=True):
-                logits[:, y1:y2, x1:x2] += o
+            boxes = window_boxes(H, W, self.cfg.window, self.cfg.stride)
+        prob_avg = self.cfg.average == "prob"
+        acc = torch.zeros(len(self.names), H, W, device=self.device)
+        count = torch.zeros(1, H, W, device=self.device)
+        step = max(1, self.cfg.crops_per_pass)
+        for i in range(0, len(boxes), step):
+            part = boxes[i : i + step]
+            crops = torch.stack([x[:, y1:y2, x1:x2] for y1, x1, y2, x2 in part])
+            maps = self._scores(crops).float()  # (n, names, h, w)
+            if prob_avg:
+                maps = self._prob(maps, 1)
+            if self.cfg.pamr == "window":
+                maps = self._refine(crops, maps)
+            for (y1, x1, y2, x2), m in zip(part, maps, strict=True):
+                acc[:, y1:y2, x1:x2] += m
                 count[:, y1:y2, x1:x2] += 1
-            logits = logits / count
-        logits = F.interpolate(
-            logits[None].float(), size=out_size, mode="bilinear", align_corners=False
-        )[0]
-        return torch.stack([logits[idx].amax(0) for idx in self.groups])  # a class is its best name
+        avg = F.interpolate(
+            (acc / count)[None], size=out_size, mode="bilinear", align_corners=False
+        )
+        if self.cfg.pamr == "image":
+            full = F.interpolate(x[None], size=out_size, mode="bilinear", align_corners=False)
+            avg = self._refine(full, avg)
+        avg = avg[0]
+        return avg if prob_avg else self._prob(avg, 0)
+
+    def class_probs(self, img: Image.Image, out_size: tuple[int, int]) -> torch.Tensor:
+        """(C, H, W): each class its best name's probability."""
+        probs = self.name_probs(img, out_size)
+        return torch.stack([probs[idx].amax(0) for idx in self.groups])
 
     def predict(
         self, img: Image.Image, out_size: tuple[int, int]
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Label map (H, W) and class activations (C, H, W)."""
-        act = torch.sigmoid(self.class_logits(img, out_size))
+        """Label map (H, W) and class probabilities (C, H, W)."""
+        act = self.class_probs(img, out_size)
         pred = act.argmax(0)
-        if self.background:
-            pred = torch.where(act.max(0).values < self.cfg.bg_threshold, 0, pred + 1)
+        if self.background:  # a constant background channel first: it wins ties, as argmax does
+            pred = torch.where(act.max(0).values <= self.cfg.bg_threshold, 0, pred + 1)
         return pred.cpu().numpy(), act

@@ -100,25 +100,43 @@ class FrozenCLIP(nn.Module):
         grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
         return torch.cat([pos[:1], grid], dim=0)
 
-    @torch.no_grad()
-    def visual_taps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Residual stream after each tap block: a list of (B, 1 + h*w, W), CLS first."""
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch and position embeddings, CLS first, after ``ln_pre``: (B, 1 + h*w, W), (h, w)."""
         v = self.model.visual
         x = v.conv1(images)  # (B, W, h, w)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self._position_embedding(h, w).to(x.dtype)
-        x = v.ln_pre(x)
-        batch_first = getattr(v.transformer, "batch_first", True)
+        return v.ln_pre(x), (h, w)
+
+    def _blocks(self, x: torch.Tensor, count: int, taps: tuple[int, ...] = ()):
+        """Run the first ``count`` blocks on a batch-first stream; the stream after each of
+        ``taps`` and after the last one run."""
+        resblocks = self.model.visual.transformer.resblocks
+        batch_first = getattr(self.model.visual.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
         out = []
-        for i, block in enumerate(v.transformer.resblocks[: max(self.taps) + 1]):
+        for i, block in enumerate(resblocks[:count]):
             x = block(x)
-            if i in self.taps:
+            if i in taps:
                 out.append(x if batch_first else x.transpose(0, 1))
-        return out
+        return out, (x if batch_first else x.transpose(0, 1))
+
+    @torch.no_grad()
+    def visual_taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Residual stream after each tap block: a list of (B, 1 + h*w, W), CLS first."""
+        x, _ = self._embed(images)
+        return self._blocks(x, max(self.taps) + 1, self.taps)[0]
+
+    @torch.no_grad()
+    def before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The residual stream entering the image tower's last block, (B, 1 + h*w, W), and
+        the patch grid: what the training-free methods change the last block on."""
+        x, grid = self._embed(images)
+        n = len(self.model.visual.transformer.resblocks)
+        return self._blocks(x, n - 1)[1], grid
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""The training-free methods against direct implementations of their published attention rules,
+on the tiny open_clip model in float64 (agreement to 1e-10 means the same computation).
+
+The reference runs the image tower itself (patch embedding, CLS, position embedding, ln_pre, the
+first L-1 blocks), then rewrites block L head by head in the papers' (tokens, batch, width)
+layout from the nn.MultiheadAttention weights, then ln_post and the projection. NACLIP's
+Gaussian is built the way its authors build it (a convolution of one-hot maps with a Gaussian
+window), not with the closed form the toolkit uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.eval.methods import TRAINING_FREE, DenseCLIP, neighbourhood
+from trainer.model.backbone import FrozenCLIP
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    b = FrozenCLIP("synseg-tiny", None, (1,), init_seed=7)
+    return b.double()
+
+
+def naclip_addition(h: int, w: int, std: float) -> torch.Tensor:
+    """NACLIP's own construction: each patch's one-hot map convolved with a (2h-1, 2w-1)
+    Gaussian window, zero row and column for the CLS token."""
+    c = 1 / (std * math.sqrt(2))
+    ks = [torch.linspace(-(n - 1) * c, (n - 1) * c, 2 * n - 1, dtype=torch.float64) for n in (h, w)]
+    window = torch.exp(-(torch.stack(torch.meshgrid(*ks, indexing="ij")) ** 2).sum(0))
+    onehots = torch.einsum("ij,kl->ijkl", torch.eye(h), torch.eye(w)).permute(0, 3, 1, 2)
+    onehots = onehots.reshape(-1, 1, h, w).double()
+    out = F.conv2d(onehots, window[None, None], padding="same").reshape(h * w, h * w)
+    full = torch.zeros(h * w + 1, h * w + 1, dtype=torch.float64)
+    full[1:, 1:] = out
+    return full
+
+
+def reference_tokens(backbone, images: torch.Tensor, method: str) -> torch.Tensor:
+    v = backbone.model.visual
+    x = (images - backbone_mean()) / backbone_std()
+    x = v.conv1(x)
+    h, w = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], 1)
+    x = v.ln_pre(x + v.positional_embedding)  # native size: no resizing
+    for block in v.transformer.resblocks[:-1]:
+        x = block(x)
+    block = v.transformer.resblocks[-1]
+    x = x.transpose(0, 1)  # (N, B, W), as the papers' code holds it
+    N, B, W = x.shape
+    attn = block.attn
+    heads, hd = attn.num_heads, W // attn.num_heads
+    Wq, Wk, Wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    y = block.ln_1(x)
+    out = torch.zeros_like(x)
+    for b in range(B):
+        heads_out = []
+        for hh in range(heads):
+            sl = slice(hh * hd, (hh + 1) * hd)
+            q = y[:, b] @ Wq[sl].T + bq[sl]
+            k = y[:, b] @ Wk[sl].T + bk[sl]
+            val = y[:, b] @ Wv[sl].T + bv[sl]
+            if method == "maskclip":
+                a = torch.eye(N, dtype=x.dtype)
+            elif method == "sclip":
+                a = torch.softmax(q @ q.T / math.sqrt(hd), -1) + torch.softmax(
+                    k @ k.T / math.sqrt(hd), -1
+                )
+            elif method == "clearclip":
+                a = torch.softmax(q @ q.T / math.sqrt(hd), -1)
+            else:
+                a = torch.softmax(k @ k.T / math.sqrt(hd) + naclip_addition(h, w, 5.0), -1)
+            heads_out.append(a @ val)
+        out[:, b] = attn.out_proj(torch.cat(heads_out, -1))
+    if method in ("maskclip", "sclip"):
+        x = x + out
+        x = x + block.mlp(block.ln_2(x))
+    else:
+        x = out
+    x = v.ln_post(x.transpose(0, 1)) @ v.proj
+    return F.normalize(x[:, 1:], dim=-1)
+
+
+def backbone_mean():
+    return torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+def backbone_std():
+    return torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("method", TRAINING_FREE)
+def test_method_equals_its_published_rule(backbone, method):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 64, 64, generator=g, dtype=torch.float64)
+    dense = DenseCLIP(backbone, method).double()
+    got, grid = dense.patch_tokens(images)
+    assert grid == (8, 8)
+    want = reference_tokens(backbone, images, method)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # and the rule matters: the unmodified last block gives other tokens
+    plain = backbone.model.visual
+    with torch.no_grad():
+        x, _ = backbone.before_last_block((images - dense.mean) / dense.std)
+        x = plain.ln_post(plain.transformer.resblocks[-1](x)) @ plain.proj
+    assert (F.normalize(x[:, 1:], dim=-1) - got).abs().max() > 1e-3
+
+
+def test_naclip_neighbourhood_equals_its_authors_construction():
+    for h, w in ((8, 8), (5, 7), (1, 4)):
+        torch.testing.assert_close(
+            neighbourhood((h, w), 5.0, torch.float64, "cpu"),
+            naclip_addition(h, w, 5.0),
+            rtol=0,
+            atol=1e-12,
+        )
+
+
+def test_scores_are_cosines_on_any_window_shape(backbone):
+    dense = DenseCLIP(backbone, "naclip").double()
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(1, 3, 48, 40, generator=g, dtype=torch.float64)  # a 6 x 5 patch grid
+    text = dense.encode_classes(["grass", "sky", "a car"], ["a photo of a {}.", "{}"])
+    assert torch.allclose(text.norm(dim=-1), torch.ones(3))
+    scores = dense.scores(images, text)
+    assert scores.shape == (1, 3, 48, 40)
+    tokens, grid = dense.patch_tokens(images)
+    assert grid == (6, 5)
+    cos = (tokens @ text.double().T).transpose(1, 2).reshape(1, 3, 6, 5)
+    torch.testing.assert_close(
+        scores, F.interpolate(cos, size=(48, 40), mode="bilinear", align_corners=False)
+    )
+    assert scores.abs().max() <= 1 + 1e-9

@@ -1,0 +1,452 @@
+"""prepare: a benchmark's validation split, from the files its authors publish, into the
+MMSegmentation layout ``eval`` reads, without mmcv or the Pascal Context Detail API.
+
+| dataset | --source holds                                         | labels written                      |
+|---------|--------------------------------------------------------|-------------------------------------|
+| voc     | VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/val.txt} | copied (palette index = label) |
+| context | VOC2010/JPEGImages and trainval_merged.json            | the 59 kept ids of the 459 classes, sorted, -> 1..59; everything else 0 |
+| object  | images/val2017/*.jpg, annotations/val2017/*.png (COCO-Stuff ``stuffthingmaps``) | thing ids 0-90 -> 1-80, stuff and unlabeled (255) -> 0 |
+| stuff   | the same                                               | the 171 used ids -> 0-170, 255 kept |
+| city    | leftImg8bit/val/CITY/*_leftImg8bit.png, gtFine/val/CITY/*_gtFine_labelIds.png | Cityscapes' trainIds, 255 for the ignored |
+| ade     | ADEChallengeData2016 images/ and annotations/validation | copied                              |
+
+The rules are the converters of record: MMSegmentation 0.27's ``pascal_context.py`` (which
+maps through ``np.digitize`` over the sorted kept ids), ``coco_stuff164k.py``, and GroupViT's
+``cvt_coco_object.py`` (used by TCL, SCLIP and NACLIP; its ``k > 90 -> 0`` also sends the
+unlabeled value 255 to background); Cityscapes' own label table (cityscapesscripts' ``labels.py``)
+for ``labelTrainIds``. Only the validation split is written (the zero-shot benchmarks score it).
+
+Images are hard-linked where the file system allows (copied otherwise); every file is written
+atomically, so an interrupted run leaves no half-written file and a rerun redoes only what is
+missing. ``prepare-<dataset>.json`` records the image count, a label histogram and a SHA-256 of
+the label maps (name, shape and values, in name order), written last: a folder without it is
+not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.cores import default_processes, parallel_map
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path, clean_stale, write_json
+
+DATASETS = ("voc", "context", "object", "stuff", "city", "ade")
+
+# Pascal Context: the 59 most frequent of the 459 category ids, and 0 (unlabelled).
+CONTEXT_KEPT = sorted(
+    [0, 2, 259, 260, 415, 324, 9, 258, 144, 18, 19, 22, 23, 397, 25, 284, 158, 159, 416, 33]
+    + [162, 420, 454, 295, 296, 427, 44, 45, 46, 308, 59, 440, 445, 31, 232, 65, 354, 424, 68]
+    + [326, 72, 458, 34, 207, 80, 355, 85, 347, 220, 349, 360, 98, 187, 104, 105, 366, 189]
+    + [368, 113, 115]
+)
+# COCO ids 0-181 (things 0-90, stuff 91-181) that no annotation uses.
+COCO_UNUSED = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}
+COCO_USED = [i for i in range(182) if i not in COCO_UNUSED]  # 171 ids; train id = rank
+# Cityscapes labelIds -> trainIds (cityscapesscripts/helpers/labels.py); all others 255.
+CITY_TRAIN_IDS = {
+    7: 0,  # road
+    8: 1,  # sidewalk
+    11: 2,  # building
+    12: 3,  # wall
+    13: 4,  # fence
+    17: 5,  # pole
+    19: 6,  # traffic light
+    20: 7,  # traffic sign
+    21: 8,  # vegetation
+    22: 9,  # terrain
+    23: 10,  # sky
+    24: 11,  # person
+    25: 12,  # rider
+    26: 13,  # car
+    27: 14,  # truck
+    28: 15,  # bus
+    31: 16,  # train
+    32: 17,  # motorcycle
+    33: 18,  # bicycle
+}
+
+
+def _lut(pairs: dict[int, int], default: int | None) -> np.ndarray:
+    """A 256-entry lookup table: ``pairs``, every other value to ``default`` (None: kept)."""
+    lut = np.arange(256, dtype=np.uint8) if default is None else np.full(256, default, np.uint8)
+    for k, v in pairs.items():
+        lut[k] = v
+    return lut
+
+
+STUFF_LUT = _lut({k: t for t, k in enumerate(COCO_USED)}, None)  # 255 and unused ids kept
+OBJECT_LUT = _lut({k: t + 1 for t, k in enumerate(COCO_USED) if k <= 90}, 0)
+CITY_LUT = _lut(CITY_TRAIN_IDS, 255)
+
+
+# --------------------------------------------------------------------------- RLE (COCO's)
+
+
+def _counts_from_string(s: str) -> list[int]:
+    """COCO's compressed RLE string -> run lengths (pycocotools' rleFrString)."""
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """A COCO run-length mask ({"size": [h, w], "counts": str or list}) as (h, w) bool."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        counts = _counts_from_string(counts)
+    flat = np.zeros(h * w, dtype=bool)
+    pos = 0
+    for i, n in enumerate(counts):
+        if i % 2:
+            flat[pos : pos + n] = True
+        pos += n
+    if pos != h * w:
+        raise UserError(f"a mask's run lengths cover {pos} pixels, not {h} x {w}")
+    return flat.reshape(w, h).T  # column-major, as COCO stores it
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@dataclass(frozen=True)
+class Job:
+    image: str  # source image
+    image_out: str
+    label_out: str
+    rule: str  # copy, lut:<name>, or context
+    label: str | None = None  # source label map (not for context)
+    shape: tuple[int, int] | None = None  # context: (h, w)
+    segments: tuple = ()  # context: (category id, rle) in the annotation file's order
+
+
+LUTS = {"stuff": STUFF_LUT, "object": OBJECT_LUT, "city": CITY_LUT}
+
+
+def _label(job: Job) -> np.ndarray:
+    if job.rule == "context":
+        mask = np.zeros(job.shape, dtype=np.int64)
+        for cat, rle in job.segments:  # later annotations overwrite, as the Detail API does
+            mask[decode_rle(rle)] = cat
+        kept = np.asarray(CONTEXT_KEPT)
+        index = np.searchsorted(kept, mask)  # = np.digitize(mask, kept, right=True)
+        known = (index < len(kept)) & (kept[np.minimum(index, len(kept) - 1)] == mask)
+        return np.where(known, index, 0).astype(np.uint8)
+    label = np.asarray(Image.open(job.label))
+    if label.ndim != 2:
+        raise UserError(f"{job.label} is not a single-channel label map")
+    if job.rule == "copy":
+        return label
+    return LUTS[job.rule.split(":")[1]][label]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def run_job(job: Job) -> tuple[str, str, dict[int, int]]:
+    """Write one image and its label map; (label file name, its digest, its histogram)."""
+    image_out, label_out = Path(job.image_out), Path(job.label_out)
+    if not image_out.exists():
+        _link_or_copy(Path(job.image), image_out)
+    if label_out.exists():
+        label = np.asarray(Image.open(label_out))
+    else:
+        try:
+            label = _label(job)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the labels of {job.image}: {e}") from None
+        if job.rule == "copy" and job.label:
+            _link_or_copy(Path(job.label), label_out)
+        else:
+            with atomic_path(label_out) as tmp:
+                Image.fromarray(label.astype(np.uint8)).save(tmp, format="PNG")
+    digest = hashlib.sha256()
+    digest.update(f"{label_out.name}:{label.shape}".encode())
+    digest.update(np.ascontiguousarray(label, dtype=np.uint8).tobytes())
+    values, counts = np.unique(label, return_counts=True)
+    return (
+        label_out.name,
+        digest.hexdigest(),
+        dict(zip(values.tolist(), counts.tolist(), strict=True)),
+    )
+
+
+# --------------------------------------------------------------------------- the plans
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"source is incomplete: {path} ({what}) does not exist")
+    return path
+
+
+def _under(source: Path, name: str) -> Path:
+    """``source`` itself if it is the ``name`` folder, else ``source/name``."""
+    return source if source.name == name else source / name
+
+
+def _pairs(
+    images: Path, labels: Path, label_suffix: str, image_suffix: str, nested: bool = False
+) -> list[tuple[str, Path, Path]]:
+    """(name, image, label) of every label file; refuses labels without their image."""
+    pattern = f"*/*{label_suffix}" if nested else f"*{label_suffix}"
+    out, missing = [], []
+    for lab in sorted(labels.glob(pattern)):
+        stem = lab.name[: -len(label_suffix)]
+        if "TrainIds" in stem:  # outputs of a converter run in place
+            continue
+        sub = lab.parent.name if nested else ""
+        img = images / sub / f"{stem}{image_suffix}"
+        (out if img.exists() else missing).append((f"{sub}/{stem}" if sub else stem, img, lab))
+    if missing:
+        raise UserError(
+            f"source is incomplete: {len(missing)} of {len(out) + len(missing)} label maps have "
+            f"no image, e.g. {missing[0][1]}"
+        )
+    if not out:
+        raise UserError(f"source is incomplete: no *{label_suffix} files under {labels}")
+    return out
+
+
+def _voc_plan(source: Path, out: Path) -> tuple[list[Job], dict[str, str]]:
+    root = _under(source, "VOC2012")
+    ids = _need(root / "ImageSets/Segmentation/val.txt", "the val list").read_text().split()
+    jobs, missing = [], []
+    for i in ids:
+        img, lab = root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png"
+        if not (img.exists() and lab.exists()):
+            missing.append(i)
+        jobs.append(
+            Job(
+                str(img),
+                str(out / "JPEGImages" / img.name),
+                str(out / "SegmentationClass" / lab.name),
+                "copy",
+                str(lab),
+            )
+        )
+    if missing:
+        raise UserError(
+            f"source is incomplete: {len(missing)} of {len(ids)} val images lack their JPEG "
+            f"or SegmentationClass PNG, e.g. {missing[0]}"
+        )
+    return jobs, {"ImageSets/Segmentation/val.txt": "".join(f"{i}\n" for i in ids)}
+
+
+def _context_plan(
+    source: Path, out: Path, annotations: str | None
+) -> tuple[list[Job], dict[str, str]]:
+    root = _under(source, "VOC2010")
+    images = _need(root / "JPEGImages", "the VOC2010 images")
+    ann_path = Path(annotations) if annotations else None
+    if ann_path is None:
+        candidates = [source / "trainval_merged.json", root / "trainval_merged.json"]
+        ann_path = next((c for c in candidates if c.exists()), candidates[0])
+    _need(ann_path, "Pascal Context's annotation file; --annotations names another place")
+    try:
+        data = json.loads(ann_path.read_text())
+        imgs = [i for i in data["images"] if i.get("phase") == "val"]
+        segs = data["annos_segmentation"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{ann_path} is not Pascal Context's trainval_merged.json ({e})") from None
+    per_image = defaultdict(list)
+    for s in segs:
+        per_image[s["image_id"]].append((int(s["category_id"]), s["segmentation"]))
+    jobs, names, missing = [], [], []
+    for im in imgs:
+        img = images / im["file_name"]
+        if not img.exists():
+            missing.append(im["file_name"])
+        stem = Path(im["file_name"]).stem
+        names.append(stem)
+        jobs.append(
+            Job(
+                str(img),
+                str(out / "JPEGImages" / img.name),
+                str(out / "SegmentationClassContext" / f"{stem}.png"),
+                "context",
+                shape=(int(im["height"]), int(im["width"])),
+                segments=tuple(per_image.get(im["image_id"], ())),
+            )
+        )
+    if not jobs:
+        raise UserError(f"{ann_path} lists no val images")
+    if missing:
+        raise UserError(
+            f"source is incomplete: {len(missing)} of {len(jobs)} val images are not in "
+            f"{images}, e.g. {missing[0]}"
+        )
+    lists = {"ImageSets/SegmentationContext/val.txt": "".join(f"{n}\n" for n in sorted(names))}
+    return jobs, lists
+
+
+def _coco_plan(source: Path, out: Path, rule: str, suffix: str) -> tuple[list[Job], dict]:
+    images = _need(source / "images/val2017", "COCO's val2017 images")
+    labels = _need(source / "annotations/val2017", "COCO-Stuff's stuffthingmaps for val2017")
+    jobs = [
+        Job(
+            str(img),
+            str(out / "images/val2017" / img.name),
+            str(out / "annotations/val2017" / f"{name}{suffix}"),
+            rule,
+            str(lab),
+        )
+        for name, img, lab in _pairs(images, labels, ".png", ".jpg")
+    ]
+    return jobs, {}
+
+
+def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
+    images = _need(source / "leftImg8bit/val", "the val images")
+    labels = _need(source / "gtFine/val", "the val annotations")
+    jobs = []
+    for name, img, lab in _pairs(
+        images, labels, "_gtFine_labelIds.png", "_leftImg8bit.png", nested=True
+    ):
+        city, stem = name.split("/")
+        jobs.append(
+            Job(
+                str(img),
+                str(out / "leftImg8bit/val" / city / img.name),
+                str(out / "gtFine/val" / city / f"{stem}_gtFine_labelTrainIds.png"),
+                "lut:city",
+                str(lab),
+            )
+        )
+    return jobs, {}
+
+
+def _ade_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
+    root = _under(source, "ADEChallengeData2016")
+    images = _need(root / "images/validation", "the validation images")
+    labels = _need(root / "annotations/validation", "the validation annotations")
+    jobs = [
+        Job(
+            str(img),
+            str(out / "images/validation" / img.name),
+            str(out / "annotations/validation" / lab.name),
+            "copy",
+            str(lab),
+        )
+        for _, img, lab in _pairs(images, labels, ".png", ".jpg")
+    ]
+    return jobs, {}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str
+    source: str
+    output: str
+    annotations: str | None = None  # context: trainval_merged.json (default: in --source)
+    processes: int = 0  # 0: one per core, at most 8
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise UserError(
+                f"unknown dataset {self.dataset!r}; prepare knows {', '.join(DATASETS)}"
+            )
+        if not Path(self.source).is_dir():
+            raise UserError(f"source {self.source} is not a folder")
+        if Path(self.output).resolve() == Path(self.source).resolve():
+            raise UserError("--output must be another folder than --source")
+
+
+@dataclass
+class PrepareStats:
+    dataset: str
+    images: int
+    output: str
+    label_sha256: str
+    manifest: str
+    label_values: int  # distinct label values written (the histogram is in the manifest)
+
+
+def plan(cfg: PrepareConfig) -> tuple[list[Job], dict[str, str]]:
+    source, out = Path(cfg.source), Path(cfg.output)
+    if cfg.dataset == "voc":
+        return _voc_plan(source, out)
+    if cfg.dataset == "context":
+        return _context_plan(source, out, cfg.annotations)
+    if cfg.dataset == "object":
+        return _coco_plan(source, out, "lut:object", "_instanceTrainIds.png")
+    if cfg.dataset == "stuff":
+        return _coco_plan(source, out, "lut:stuff", "_labelTrainIds.png")
+    if cfg.dataset == "city":
+        return _city_plan(source, out)
+    return _ade_plan(source, out)
+
+
+def run_prepare(
+    cfg: PrepareConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> PrepareStats:
+    jobs, lists = plan(cfg)
+    out = Path(cfg.output)
+    manifest = out / f"prepare-{cfg.dataset}.json"
+    manifest.unlink(missing_ok=True)  # written again at the end, when everything is there
+    for folder in {Path(j.label_out).parent for j in jobs} | {
+        Path(j.image_out).parent for j in jobs
+    }:
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale(folder)
+    if on_start:
+        on_start(len(jobs))
+    digests, histogram = [], defaultdict(int)
+    for name, digest, counts in parallel_map(run_job, jobs, default_processes(cfg.processes)):
+        digests.append((name, digest))
+        for value, n in counts.items():
+            histogram[int(value)] += n
+        if on_advance:
+            on_advance(1)
+    for rel, text in lists.items():
+        with atomic_path(out / rel) as tmp:
+            tmp.write_text(text)
+    total = hashlib.sha256("".join(d for _, d in sorted(digests)).encode()).hexdigest()
+    labels = {str(k): histogram[k] for k in sorted(histogram)}
+    record = {
+        "dataset": cfg.dataset,
+        "split": "val",
+        "images": len(jobs),
+        "label_sha256": total,
+        "labels": labels,
+        "settings": asdict(cfg),
+    }
+    write_json(manifest, record)
+    return PrepareStats(cfg.dataset, len(jobs), str(out), total, str(manifest), len(labels))

@@ -1,0 +1,90 @@
+"""The two evaluation protocols of the zero-shot segmentation literature, as presets.
+
+| setting            | ``tcl`` (TCL, GroupViT; SynSeg's tables)  | ``sclip`` (SCLIP, NACLIP, ClearCLIP, ProxyCLIP) |
+|--------------------|-------------------------------------------|--------------------------------------------|
+| resize             | short side 448, long side at most 2048    | short side 336 (560 for Cityscapes), long at most 2048 |
+|                    | (mmcv's keep-ratio rescale, bilinear)     | (the same rescale)                          |
+| sliding window     | 448, stride 224                           | 224, stride 112                             |
+| averaged over windows | probabilities                          | scores (logits, or cosines), softmax after |
+| prompts            | TCL's 9 templates (``tcl9``)              | CLIP's 80 ImageNet templates (``imagenet80``) |
+| class names        | one raw name per class (the first)        | every synonym; a class is its best name    |
+| background         | a constant channel: 0.5, or 0.4 with PAMR | ``prob_thd`` 0.1 on VOC, Context-60, COCO-Object |
+| PAMR (``--pamr``)  | per window, dilations 1-24                | on the whole image, dilations 8, 16         |
+
+Every setting can be overridden on the command line, and the result file records the values
+used. On the synthetic world, whose images are made for a 64-px model, every size is scaled
+by (the backbone's input size / 224): the same geometry relative to the model as a 224-px
+CLIP has on the real benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from trainer.eval.pamr import SCLIP_DILATIONS, TCL_DILATIONS
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    short_side: int
+    long_side: int
+    window: int
+    stride: int
+    templates: str
+    average: str  # "prob": probabilities averaged over windows; "score": scores, then softmax
+    synonyms: bool  # every name of a class, or only its first
+    bg_threshold: float
+    bg_threshold_pamr: float
+    pamr_on: str  # "window" or "image"
+    pamr_dilations: tuple[int, ...]
+    short_side_city: int = 0  # Cityscapes' own short side (0: the same)
+
+
+PROTOCOLS = {
+    "tcl": Protocol(
+        "tcl",
+        short_side=448,
+        long_side=2048,
+        window=448,
+        stride=224,
+        templates="tcl9",
+        average="prob",
+        synonyms=False,
+        bg_threshold=0.5,
+        bg_threshold_pamr=0.4,
+        pamr_on="window",
+        pamr_dilations=TCL_DILATIONS,
+    ),
+    "sclip": Protocol(
+        "sclip",
+        short_side=336,
+        long_side=2048,
+        window=224,
+        stride=112,
+        templates="imagenet80",
+        average="score",
+        synonyms=True,
+        bg_threshold=0.1,
+        bg_threshold_pamr=0.1,
+        pamr_on="image",
+        pamr_dilations=SCLIP_DILATIONS,
+        short_side_city=560,
+    ),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown --protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def geometry(p: Protocol, dataset: str, model_size: int) -> tuple[int, int, int, int]:
+    """(short side, long side, window, stride) of protocol ``p`` on ``dataset``."""
+    short = p.short_side_city if dataset == "city" and p.short_side_city else p.short_side
+    sizes = (short, p.long_side, p.window, p.stride)
+    if dataset != "world":
+        return sizes
+    return tuple(max(1, round(s * model_size / 224)) for s in sizes)
