@@ -62,6 +62,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str, Any], None] | None = None
                 size=cfg.size,
                 seed=cfg.seed,
                 port=cfg.port,
+                replace=True,  # the demo's own world: made again when its settings change
             )
         ),
     )

@@ -13,8 +13,11 @@ Nothing here needs the internet. A world is a folder:
 ``val`` is the evaluation split; ``ref`` is a separate split of images with masks that plays the
 part of the dense data CLIPSeg was trained on. Train images have captions only, like CC12M.
 
-Objects are large (roughly 8-30% of the image each), because an object of a few percent is
-below what a patch-16 backbone can resolve at low resolution. Captions carry the noise the
+20 classes: 8 backgrounds and 12 objects. ``ref`` shows only the 14 seen classes (``SEEN``),
+in another drawing style, so a decoder trained on it meets both new categories (``UNSEEN``) and
+a domain shift on ``val``. Objects are large (roughly 8-30% of the image each; a little smaller
+in ``ref``), because an object of a few percent is below what a patch-16 backbone can resolve at
+low resolution. Captions carry the noise the
 exclusion list exists for: ``<PERSON>``, stock-photo words, directions, units and generic nouns.
 Every image is drawn from its own seed, so a larger world keeps the images of a smaller one.
 """
@@ -29,15 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 
-WORLD_VERSION = 1
-BACKGROUNDS = ("grass", "sand", "water", "snow")
-OBJECTS = ("ball", "kite", "house", "tree", "car", "fish")
+WORLD_VERSION = 2
+BACKGROUNDS = ("grass", "sand", "water", "snow", "road", "wall", "lava", "carpet")
+OBJECTS = (
+    "ball", "kite", "house", "tree", "car", "fish",
+    "boat", "star", "flower", "umbrella", "mushroom", "heart",
+)  # fmt: skip
 CLASSES = BACKGROUNDS + OBJECTS
+# Classes the ``ref`` split never shows: the CLIPSeg-style decoder is trained with masks of the
+# others only, and MCCL on the captions is what may carry it to these.
+UNSEEN = ("snow", "lava", "fish", "boat", "umbrella", "mushroom")
+SEEN = tuple(c for c in CLASSES if c not in UNSEEN)
 IGNORE = 255
 
 # Words a caption may use for each class; the first is the class name. Synonyms are rarer.
@@ -46,12 +56,22 @@ SYNONYMS = {
     "sand": ["sand", "beach", "desert"],
     "water": ["water", "sea", "lake"],
     "snow": ["snow", "snowfield"],
+    "road": ["road", "street"],
+    "wall": ["wall", "brick wall"],
+    "lava": ["lava", "magma"],
+    "carpet": ["carpet", "rug"],
     "ball": ["ball", "beach ball"],
     "kite": ["kite"],
     "house": ["house", "cottage"],
     "tree": ["tree", "pine tree"],
     "car": ["car", "sports car"],
     "fish": ["fish", "goldfish"],
+    "boat": ["boat", "sailboat"],
+    "star": ["star"],
+    "flower": ["flower", "daisy"],
+    "umbrella": ["umbrella", "parasol"],
+    "mushroom": ["mushroom", "toadstool"],
+    "heart": ["heart"],
 }
 COLOURS = {
     "red": (200, 40, 40),
@@ -70,6 +90,23 @@ OBJECT_COLOURS = {
     "tree": ["green"],
     "car": ["red", "blue", "black", "yellow"],
     "fish": ["orange", "yellow", "red"],
+    "boat": ["white", "red", "blue"],
+    "star": ["yellow", "orange", "red"],
+    "flower": ["pink", "purple", "red", "yellow"],
+    "umbrella": ["red", "blue", "purple", "pink"],
+    "mushroom": ["red", "orange"],
+    "heart": ["red", "pink", "purple"],
+}
+# Where a caption puts its objects on each background.
+PLACE = {
+    "grass": "on the",
+    "sand": "on the",
+    "water": "in the",
+    "snow": "in the",
+    "road": "on the",
+    "wall": "in front of the",
+    "lava": "over the",
+    "carpet": "on the",
 }
 # Caption noise that a good exclusion list removes (stock-photo words, views, directions, units).
 PREFIXES = [
@@ -113,6 +150,7 @@ class WorldConfig:
     port: int = 8642  # loopback port written into the URL list
     dead_fraction: float = 0.03  # URLs that 404 or are refused, as in CC12M
     broken_fraction: float = 0.01  # served files that are not images
+    replace: bool = False  # a world made with other settings (or an older version) is redone
 
     def __post_init__(self) -> None:
         problems = []
@@ -133,6 +171,7 @@ class WorldConfig:
         d = dataclasses.asdict(self)
         d.pop("output")
         d.pop("port")  # the port only changes URLs, which are rewritten cheaply
+        d.pop("replace")
         d["version"] = WORLD_VERSION
         return d
 
@@ -164,7 +203,7 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An (H, W, 3) float texture that tells the four backgrounds apart by colour and pattern."""
+    """An (H, W, 3) float texture that tells the backgrounds apart by colour and pattern."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     noise = rng.normal(0, 1, (size, size)).astype(np.float32)
     if kind == "grass":
@@ -179,9 +218,30 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         waves = np.sin(yy * rng.uniform(40, 60) + np.sin(xx * 9) * 2) * 0.5 + 0.5
         base = np.stack([30 + 30 * waves, 90 + 50 * waves, 170 + 50 * waves], -1)
         base += noise[..., None] * 8
-    else:  # snow
+    elif kind == "snow":
         base = np.stack([235 + 0 * xx, 240 + 0 * xx, 250 + 0 * xx], -1)
         base += noise[..., None] * 6 - (yy[..., None] * 25)
+    elif kind == "road":
+        lane = (np.abs(xx - rng.uniform(0.3, 0.7)) < 0.03) & (np.sin(yy * 25) > 0)
+        base = np.stack([95 + 0 * xx, 95 + 0 * xx, 100 + 0 * xx], -1) + noise[..., None] * 14
+        base[lane] = (225, 210, 90)
+    elif kind == "wall":
+        rows = np.floor(yy * 10)
+        shift = (rows % 2) * 0.5
+        mortar = (np.abs(yy * 10 - np.round(yy * 10)) < 0.08) | (
+            np.abs((xx * 5 + shift) - np.round(xx * 5 + shift)) < 0.05
+        )
+        base = np.stack([150 + 0 * xx, 60 + 0 * xx, 45 + 0 * xx], -1) + noise[..., None] * 10
+        base[mortar] = (200, 195, 185)
+    elif kind == "lava":
+        cracks = np.sin(xx * rng.uniform(15, 25) + np.sin(yy * 11) * 3) * np.sin(yy * 17)
+        hot = np.clip(cracks * 2, 0, 1)
+        base = np.stack([70 + 185 * hot, 20 + 140 * hot, 10 + 20 * hot], -1)
+        base += noise[..., None] * 8
+    else:  # carpet
+        diamonds = (np.sin((xx + yy) * 30) * np.sin((xx - yy) * 30) > 0).astype(np.float32)
+        base = np.stack([90 + 40 * diamonds, 40 + 20 * diamonds, 120 + 50 * diamonds], -1)
+        base += noise[..., None] * 6
     return base
 
 
@@ -211,6 +271,57 @@ def _shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple, fill, rng) -> None:
     elif kind == "fish":
         draw.ellipse((x0 + w * 0.25, y0 + h * 0.2, x1, y1 - h * 0.2), fill=fill)
         draw.polygon([(x0, y0 + h * 0.15), (x0 + w * 0.35, cy), (x0, y1 - h * 0.15)], fill=fill)
+    elif kind == "boat":
+        hull = [(x0, cy + h * 0.2), (x1, cy + h * 0.2), (x1 - w * 0.15, y1), (x0 + w * 0.15, y1)]
+        draw.polygon(hull, fill=(120, 70, 40) if fill else 0)
+        draw.polygon([(cx, y0), (cx, cy + h * 0.15), (x0 + w * 0.1, cy + h * 0.15)], fill=fill)
+        draw.polygon(
+            [
+                (cx + w * 0.05, y0 + h * 0.1),
+                (cx + w * 0.05, cy + h * 0.15),
+                (x1 - w * 0.1, cy + h * 0.15),
+            ],
+            fill=fill,
+        )
+    elif kind == "star":
+        pts = []
+        for i in range(10):
+            r = 0.5 if i % 2 == 0 else 0.22
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((cx + r * w * math.cos(a), cy + r * h * math.sin(a)))
+        draw.polygon(pts, fill=fill)
+    elif kind == "flower":
+        for i in range(5):
+            a = i * 2 * math.pi / 5
+            px, py = cx + 0.27 * w * math.cos(a), cy + 0.27 * h * math.sin(a)
+            draw.ellipse((px - w * 0.2, py - h * 0.2, px + w * 0.2, py + h * 0.2), fill=fill)
+        draw.ellipse(
+            (cx - w * 0.13, cy - h * 0.13, cx + w * 0.13, cy + h * 0.13),
+            fill=(240, 210, 60) if fill else 0,
+        )
+    elif kind == "umbrella":
+        canopy = [
+            (cx + 0.5 * w * math.cos(a), cy + 0.1 * h - 0.55 * h * math.sin(a))
+            for a in np.linspace(0, math.pi, 16)
+        ]
+        draw.polygon(canopy, fill=fill)
+        draw.rectangle(
+            (cx - w * 0.05, cy + h * 0.1, cx + w * 0.05, y1), fill=(60, 50, 40) if fill else 0
+        )
+    elif kind == "mushroom":
+        cap = [
+            (cx + 0.5 * w * math.cos(a), cy - 0.5 * h * math.sin(a))
+            for a in np.linspace(0, math.pi, 16)
+        ]
+        draw.polygon(cap, fill=fill)
+        draw.rectangle((cx - w * 0.15, cy, cx + w * 0.15, y1), fill=(235, 225, 200) if fill else 0)
+    elif kind == "heart":
+        r = w * 0.27
+        draw.ellipse((cx - 2 * r, y0, cx, y0 + 2 * r), fill=fill)
+        draw.ellipse((cx, y0, cx + 2 * r, y0 + 2 * r), fill=fill)
+        draw.polygon(
+            [(x0 + w * 0.02, y0 + r * 1.3), (x1 - w * 0.02, y0 + r * 1.3), (cx, y1)], fill=fill
+        )
     else:
         raise ValueError(kind)
 
@@ -243,27 +354,35 @@ def _caption(objects: list[tuple[str, str]], background: str, rng: np.random.Gen
         subject = f"<PERSON> with {subject}"
     place = ""
     if rng.random() < 0.8:
-        prep = {"grass": "on the", "sand": "on the", "water": "in the", "snow": "in the"}[
-            background
-        ]
-        place = f" {prep} {word(background)}"
+        place = f" {PLACE[background]} {word(background)}"
     caption = str(rng.choice(PREFIXES)) + subject + place + str(rng.choice(SUFFIXES))
     return caption[0].upper() + caption[1:] if rng.random() < 0.5 else caption
 
 
 def render(seed: int, split: str, index: int, size: int) -> Sample:
-    """Draw one image of the world, its mask and its caption, from its own seed."""
+    """Draw one image of the world, its mask and its caption, from its own seed.
+
+    ``ref`` stands in for another dataset (CLIPSeg's PhraseCut): it shows the seen classes only,
+    in another style: flat backgrounds with a gradient instead of textures, outlined objects
+    that are somewhat smaller, a posterised palette, no blur."""
     rng = _rng(seed, split, index)
-    background = str(rng.choice(BACKGROUNDS))
+    ref = split == "ref"
+    backgrounds = [b for b in BACKGROUNDS if b in SEEN] if ref else list(BACKGROUNDS)
+    objects = [o for o in OBJECTS if o in SEEN] if ref else list(OBJECTS)
+    background = str(rng.choice(backgrounds))
     pixels = _background(background, size, rng)
+    if ref:
+        shade = np.linspace(0.88, 1.12, size, dtype=np.float32)[:, None, None]
+        pixels = pixels.reshape(-1, 3).mean(0) * shade * np.ones_like(pixels)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     mask = np.full((size, size), CLASSES.index(background), np.uint8)
+    outline = np.zeros((size, size), bool)
     n_objects = int(rng.choice([1, 1, 2, 2, 3]))
-    kinds = list(rng.choice(OBJECTS, size=n_objects, replace=False))
+    kinds = list(rng.choice(objects, size=n_objects, replace=False))
     placed = []
     for kind in kinds:
-        side = rng.uniform(0.42, 0.62) * size
-        aspect = {"car": 0.6, "fish": 0.6, "kite": 1.3, "tree": 1.3}.get(kind, 1.0)
+        side = rng.uniform(0.32, 0.48) * size if ref else rng.uniform(0.42, 0.62) * size
+        aspect = {"car": 0.6, "fish": 0.6, "kite": 1.3, "tree": 1.3, "boat": 0.9}.get(kind, 1.0)
         w, h = side / math.sqrt(aspect), side * math.sqrt(aspect)
         box = _place(w, h, size, [b for _, _, b in placed], rng)
         if box is None:
@@ -279,8 +398,14 @@ def render(seed: int, split: str, index: int, size: int) -> Sample:
         mask[obj] = CLASSES.index(kind)
         mask[edge & ~obj] = IGNORE
         mask[edge & obj] = IGNORE
+        outline |= edge
         placed.append((kind, colour, box))
-    image = image.filter(ImageFilter.GaussianBlur(0.6))
+    if ref:
+        arr = np.asarray(image).copy()
+        arr[outline] = (25, 25, 25)
+        image = ImageOps.posterize(Image.fromarray(arr), 3)
+    else:
+        image = image.filter(ImageFilter.GaussianBlur(0.6))
     present = [c for i, c in enumerate(CLASSES) if (mask == i).any()]
     # Caption only what is still visible after overlaps (at least 2% of the image).
     visible = [(k, c) for k, c, _ in placed if (mask == CLASSES.index(k)).mean() >= 0.02]
@@ -391,9 +516,13 @@ def run_world(cfg: WorldConfig) -> WorldStats:
             if meta.get("port") != cfg.port:
                 write_url_list(out, cfg.port)
             return _stats(out, meta, reused=True)
-        raise UserError(
-            f"{out} holds a world made with other settings; choose another --output or delete it"
-        )
+        if not cfg.replace:
+            version = meta["identity"].get("version")
+            raise UserError(
+                f"{out} holds a world made with other settings (world version {version}, this is "
+                f"{WORLD_VERSION}); choose another --output or delete it"
+            )
+        shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already holds other files; choose an empty or new folder")
 
@@ -432,7 +561,13 @@ def run_world(cfg: WorldConfig) -> WorldStats:
         (voc / f"{split}_captions.tsv").write_text("".join(f"{x}\n" for x in lines))
     (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     (tmp / "captions.json").write_text(json.dumps(captions))
-    meta = {"identity": cfg.identity(), "url_kinds": kinds, "port": None, "classes": list(CLASSES)}
+    meta = {
+        "identity": cfg.identity(),
+        "url_kinds": kinds,
+        "port": None,
+        "classes": list(CLASSES),
+        "unseen": list(UNSEEN),  # never in ``ref``: what the zero-shot report calls unseen
+    }
     write_json(tmp / "world.json", meta)
     write_url_list(tmp, cfg.port)
     if out.exists():

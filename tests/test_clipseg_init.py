@@ -1,5 +1,6 @@
 import torch
 
+from pipeline.world import UNSEEN
 from trainer.model.decoder import load_decoder_state
 from trainer.model.synseg import ModelConfig, SynSeg
 from trainer.world.clipseg_init import ClipSegInitConfig, load_split, run_clipseg_init
@@ -12,8 +13,9 @@ TINY = dict(
 def test_ref_split_is_read_with_masks(world):
     images, labels, classes = load_split(world, "ref", 32)
     assert images.shape == (12, 3, 32, 32) and labels.shape == (12, 32, 32)
-    assert classes[0] == "grass" and len(classes) == 10
-    assert set(labels.unique().tolist()) <= set(range(10)) | {255}
+    assert classes[0] == "grass" and len(classes) == 20
+    seen = {i for i, c in enumerate(classes) if c not in UNSEEN}
+    assert set(labels.unique().tolist()) <= seen | {255}  # ref never shows an unseen class
 
 
 def test_clipseg_style_stage_learns_and_saves_clipseg_layout(world, tmp_path):

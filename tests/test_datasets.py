@@ -106,10 +106,10 @@ def test_each_layout(tmp_path, name):
 
 def test_world_layout(world):
     ds = open_dataset("world", world, limit=5)
-    assert len(ds.samples) == 5 and ds.num_classes == 10
+    assert len(ds.samples) == 5 and ds.num_classes == 20
     assert ds.classes[0] == ["grass"]
     _, label = ds.load(ds.samples[0])
-    assert set(np.unique(label)) <= set(range(10)) | {255}
+    assert set(np.unique(label)) <= set(range(20)) | {255}
 
 
 def test_limit_and_errors(tmp_path):

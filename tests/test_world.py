@@ -5,7 +5,16 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.world import CLASSES, IGNORE, SYNONYMS, WorldConfig, render, run_world
+from pipeline.world import (
+    BACKGROUNDS,
+    CLASSES,
+    IGNORE,
+    SYNONYMS,
+    UNSEEN,
+    WorldConfig,
+    render,
+    run_world,
+)
 
 
 def test_render_is_deterministic_and_masks_cover_objects():
@@ -18,11 +27,25 @@ def test_render_is_deterministic_and_masks_cover_objects():
     # every visible object is big enough to learn at patch size 16 on a 224 image
     for i in range(40):
         s = render(0, "train", i, 64)
-        objs = [c for c in s.present if c not in CLASSES[:4]]
+        objs = [c for c in s.present if c not in BACKGROUNDS]
         assert objs, "every image holds at least one object"
         for c in objs:
             assert (s.mask == CLASSES.index(c)).mean() > 0.01
         assert set(np.unique(s.mask)) <= set(range(len(CLASSES))) | {IGNORE}
+
+
+def test_ref_shows_only_seen_classes_in_another_style():
+    val = [render(0, "val", i, 64) for i in range(60)]
+    ref = [render(0, "ref", i, 64) for i in range(60)]
+    assert not {c for s in ref for c in s.present} & set(UNSEEN)
+    assert set(UNSEEN) <= {c for s in val for c in s.present}  # val shows them
+
+    # another style: flat, posterised backgrounds (few distinct colours) against textures
+    def colours(s):
+        return len(np.unique(np.asarray(s.image).reshape(-1, 3), axis=0))
+
+    assert np.median([colours(s) for s in ref]) * 4 < np.median([colours(s) for s in val])
+    assert len(CLASSES) == 20 and len(UNSEEN) == 6
 
 
 def test_captions_carry_the_noise_the_filter_is_for():
@@ -66,8 +89,16 @@ def test_world_reuse_and_refusals(tmp_path):
     assert run_world(cfg).reused
     with pytest.raises(UserError, match="other settings"):
         run_world(WorldConfig(output=tmp_path / "w", count=6, val_count=1, ref_count=1, size=32))
+    # the demo owns its world: with replace, other settings make it again
+    redone = run_world(
+        WorldConfig(output=tmp_path / "w", count=6, val_count=1, ref_count=1, size=32, replace=True)
+    )
+    assert not redone.reused and redone.train == 6
+    assert len(json.loads((tmp_path / "w" / "captions.json").read_text())) == 6
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds"):  # never a folder it did not make
+        run_world(WorldConfig(output=tmp_path / "other", count=5, replace=True))
     with pytest.raises(UserError, match="already holds"):
         run_world(WorldConfig(output=tmp_path / "other", count=5))
     with pytest.raises(UserError, match="--count"):

@@ -401,6 +401,7 @@ def demo(
     ablations: Annotated[
         bool, typer.Option(help="Also run the loss ablation (paper's Table 2)")
     ] = True,
+    seeds: Annotated[int, typer.Option(help="Seeds per MCCL row (42, 43, ...)")] = 3,
     report: Annotated[str, typer.Option(help="Report folder")] = "reports/world",
     device: DeviceOpt = "auto",
     set_: Annotated[list[str], typer.Option("--set", help="Extra setting for the MCCL runs")] = [],  # noqa: B006
@@ -415,6 +416,7 @@ def demo(
         count=count,
         mccl_steps=mccl_steps,
         ablations=ablations,
+        seeds=seeds,
         report=report,
         device=device,
         overrides=list(set_),
@@ -422,13 +424,22 @@ def demo(
     result = run_world_demo(
         cfg, on_stage=lambda name, what: err.print(f"[green]done[/green] {name}: {what}")
     )
-    table = Table(title="mIoU on the world's held-out masks (%)", title_justify="left")
-    for col in ("model", "mIoU", "mAcc", "aAcc"):
+    table = Table(
+        title="mIoU on the world's held-out masks (%), mean ± spread over seeds",
+        title_justify="left",
+    )
+    for col in ("model", "unseen", "seen", "all", "harmonic"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result.table:
-        table.add_row(r["model"], *(f"{100 * r[k]:.1f}" for k in ("mIoU", "mAcc", "aAcc")))
+        table.add_row(r["model"], *(pm(r, k) for k in ("unseen", "seen", "all", "hm")))
     out.print(table)
     out.print(f"report: {result.report}/report.md ({result.seconds / 60:.1f} minutes)")
+
+
+def pm(row: dict, key: str) -> str:
+    """A row's mean, with its spread over seeds when it has several."""
+    mean = f"{100 * row['mean'][key]:.1f}"
+    return mean if len(row["seeds"]) < 2 else f"{mean} ± {100 * row['spread'][key]:.1f}"
 
 
 def main() -> None:

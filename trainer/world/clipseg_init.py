@@ -2,8 +2,9 @@
 
 SynSeg starts its decoder from CLIPSeg, which was trained with dense masks (PhraseCut). The
 world plays that part with its ``ref`` split (images with masks, kept apart from the train
-and val splits): for each image every class is a prompt, the present ones with their mask as
-target and the absent ones with an empty target, and the decoder (FiLM included) learns with
+and val splits, drawn in another style, showing only the seen classes): for each image every
+seen class is a prompt, the present ones with their mask as target and the absent ones with an
+empty target (the unseen classes are never prompted: CLIPSeg never met their phrases), and the decoder (FiLM included) learns with
 binary cross-entropy on the frozen backbone, as CLIPSeg did. Pixels labelled 255 are ignored.
 The result is saved in CLIPSeg's own key layout and loaded the way real CLIPSeg weights are
 (``model.decoder_init``).
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, read_record, write_record
+from pipeline.world import load_world
 from trainer.model.synseg import ModelConfig, SynSeg
 
 
@@ -83,10 +85,13 @@ def run_clipseg_init(
     if done is not None:
         return ClipSegInitStats(**done, reused=True)
     images, labels, classes = load_split(Path(cfg.world), "ref", cfg.image_size)
+    unseen = set(load_world(Path(cfg.world)).get("unseen", ()))
+    seen = [i for i, c in enumerate(classes) if c not in unseen]  # label values it may learn
     torch.manual_seed(cfg.seed)
     model = SynSeg(ModelConfig(**(cfg.model or {})))
-    text = model.backbone.encode_text([cfg.template.format(c) for c in classes])  # (C, d)
-    C = len(classes)
+    text = model.backbone.encode_text([cfg.template.format(classes[i]) for i in seen])  # (C, d)
+    C = len(seen)
+    values = torch.tensor(seen)
     params = [p for n, p in model.named_parameters() if n.startswith("decoder.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -96,8 +101,8 @@ def run_clipseg_init(
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
         x, y = images[idx], labels[idx]  # (B, 3, S, S), (B, S, S)
         B = x.shape[0]
-        out_t = model.forward_train(x, text[None].expand(B, C, -1))  # every class a prompt
-        target = (y[:, None] == torch.arange(C)[None, :, None, None]).float()  # (B, C, S, S)
+        out_t = model.forward_train(x, text[None].expand(B, C, -1))  # every seen class a prompt
+        target = (y[:, None] == values[None, :, None, None]).float()  # (B, C, S, S)
         valid = (y != 255)[:, None].expand_as(target).float()
         loss = (
             F.binary_cross_entropy_with_logits(out_t.logits, target, reduction="none") * valid

@@ -4,8 +4,10 @@
 2. in-world CLIP pretraining of the tiny backbone on the captions (open_clip's ClipLoss)
 3. a CLIPSeg-style decoder on the world's ``ref`` split (masks), saved in CLIPSeg's layout
 4. SynSeg's MCCL training from that decoder, on the packed shards (captions only)
-5. eval on the world's held-out masks: untrained decoder, CLIPSeg-style, MCCL, and the loss
-   ablation of the paper's Table 2
+5. eval on the world's held-out masks (``tcl`` protocol), as mIoU on the seen classes (those
+   ``ref`` has masks of), the unseen ones, all, and their harmonic mean: untrained decoder,
+   CLIPSeg-style, MCCL and the loss ablation of the paper's Table 2, the paper's SGD, each
+   switch beyond the paper (every MCCL row over ``seeds`` seeds), and the training-free methods
 6. a report folder: Markdown with the table and every setting, loss curves, overlays and
    activation maps, the label histogram
 
@@ -26,25 +28,83 @@ ABLATIONS = {
     "no L_back": ["loss.back=0"],
     "no L_sep": ["loss.sep=0"],
 }
-# What else was tried when MCCL moves mIoU: learning rate, the paper's optimiser, label cap and
-# the three switches beyond the paper.
+PAPER_SGD = "SGD lr 1e-5 (paper)"
+# The paper's optimiser, and each switch beyond the paper on its own.
 SWEEP = {
-    "lr 1e-3": ["optim.lr=1e-3"],
-    "SGD lr 1e-5 (paper)": ["optim.name=sgd", "optim.lr=1e-5", "optim.momentum=0.9"],
-    "label cap 2": ["data.max_labels=2"],
+    PAPER_SGD: ["optim.name=sgd", "optim.lr=1e-5", "optim.momentum=0.9"],
     "projector on visual features": ["model.projector_input=visual"],
-    "visual projector + straight-through": [
-        "model.projector_input=visual",
-        "loss.straight_through=true",
-    ],
+    "straight-through clip": ["loss.straight_through=true"],
     "absent negatives (K=2)": ["data.absent=2", "loss.neg=1"],
 }
+SEED = 42  # the first MCCL seed (the paper's); the others follow it
+
+
+def split_scores(per_class: dict[str, float | None], unseen: set[str]) -> dict[str, float]:
+    """mIoU over the seen classes, the unseen ones and all, and the harmonic mean of the first
+    two (the zero-shot convention); a class with no pixels in the split counts in none."""
+
+    def mean(names):
+        vals = [per_class[n] for n in names if per_class[n] is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    seen = mean([c for c in per_class if c not in unseen])
+    uns = mean([c for c in per_class if c in unseen])
+    hm = 2 * seen * uns / (seen + uns) if seen + uns > 0 else 0.0
+    return {"seen": seen, "unseen": uns, "all": mean(list(per_class)), "hm": hm}
+
+
+def summarise(name: str, per_seed: list[dict]) -> dict:
+    """A table row: the per-seed scores, their mean, and their spread (the sample standard
+    deviation over seeds; 0 for one run)."""
+    keys = ("seen", "unseen", "all", "hm")
+    n = len(per_seed)
+    mean = {k: sum(r[k] for r in per_seed) / n for k in keys}
+    spread = {
+        k: (sum((r[k] - mean[k]) ** 2 for r in per_seed) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        for k in keys
+    }
+    return {
+        "model": name,
+        "seeds": [r["seed"] for r in per_seed],
+        "per_seed": per_seed,
+        "mean": mean,
+        "spread": spread,
+    }
+
+
+def verdict(a: dict, b: dict, key: str) -> str:
+    """How row ``b`` compares with row ``a`` on ``key``: a gain or a loss only when the means
+    differ by more than twice the larger spread, else a tie."""
+    delta = b["mean"][key] - a["mean"][key]
+    band = 2 * max(a["spread"][key], b["spread"][key])
+    if abs(delta) <= band:
+        return "tie"
+    return "gain" if delta > 0 else "loss"
+
+
+def decoder_movement(run: str, init: str) -> dict:
+    """How far training moved the decoder from its CLIPSeg-style start: ||w - w0|| / ||w0||
+    over every decoder tensor, and the steps it took."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.train.checkpoint import find
+
+    ckpt = find(run)
+    trained = load_file(str(ckpt / "model.safetensors"))
+    start = torch.load(init, map_location="cpu", weights_only=True)
+    num = sum(
+        float((trained[f"decoder.{k}"].double() - v.double()).pow(2).sum())
+        for k, v in start.items()
+    )
+    den = sum(float(v.double().pow(2).sum()) for v in start.values())
+    return {"relative": (num / den) ** 0.5, "steps": int(ckpt.name.split("-")[-1])}
 
 
 @dataclass
 class WorldDemoConfig:
     count: int = 2000  # train images of the world (captions only)
-    val_count: int = 200  # held-out images with masks (the evaluation)
+    val_count: int = 120  # held-out images with masks (the evaluation)
     ref_count: int = 600  # images with masks for the CLIPSeg-style stage
     port: int = 8642
     runs: str = "runs/world"  # models and training runs
@@ -54,8 +114,10 @@ class WorldDemoConfig:
     mccl_steps: int = 150
     mccl_lr: float = 1e-4
     batch_size: int = 16
-    ablations: bool = True  # the Table 2 ablation (one MCCL run per left-out term)
-    sweep: bool = True  # the other settings tried (learning rate, optimiser, label cap, switches)
+    seeds: int = 3  # MCCL seeds per row (42, 43, ...)
+    ablations: bool = True  # the Table 2 ablation (one MCCL row per left-out term)
+    sweep: bool = True  # the paper's SGD and each switch beyond the paper
+    baselines: bool = True  # the training-free methods on the in-world CLIP
     sweep: bool = True  # the other settings tried (learning rate, optimiser, label cap, switches)
     device: str = "auto"
     processes: int = 2
@@ -93,8 +155,9 @@ def run_world_demo(
     cfg: WorldDemoConfig, on_stage: Callable[[str, str], None] = lambda n, s: None
 ) -> DemoResult:
     from pipeline.demo import DemoConfig, run_demo
-    from pipeline.world import CLASSES
+    from pipeline.world import CLASSES, load_world
     from trainer.eval.evaluate import EvalConfig, run_eval
+    from trainer.eval.methods import TRAINING_FREE
     from trainer.train.config import resolve
     from trainer.world.clipseg_init import ClipSegInitConfig, run_clipseg_init
     from trainer.world.pretrain import PretrainConfig, run_pretrain
@@ -157,45 +220,60 @@ def run_world_demo(
         "run.log_every=5",
         *cfg.overrides,
     ]
-    trained = {
-        "MCCL (SynSeg)": _run_cached(
-            "MCCL", resolve("tiny", overrides=[*common, f"run.output={runs / 'mccl'}"]), on_stage
-        )
-    }
+    seeds = [SEED + i for i in range(cfg.seeds)]
     variants = {**(ABLATIONS if cfg.ablations else {}), **(SWEEP if cfg.sweep else {})}
-    for name, settings in variants.items():
-        out = runs / f"mccl-{_slug(name)}"
-        overrides = [*common, *settings, f"run.output={out}"]
-        trained[f"MCCL, {name}"] = _run_cached(name, resolve("tiny", overrides=overrides), on_stage)
+    trained: dict[str, dict[int, str]] = {}  # row -> seed -> run folder
+    for name, settings in {"MCCL (SynSeg)": [], **variants}.items():
+        folder = "mccl" if not settings else f"mccl-{_slug(name)}"
+        row = name if not settings else f"MCCL, {name}"
+        trained[row] = {}
+        for seed in seeds:
+            out = runs / folder / f"seed-{seed}"
+            overrides = [*common, *settings, f"run.seed={seed}", f"run.output={out}"]
+            trained[row][seed] = _run_cached(
+                f"{name}, seed {seed}", resolve("tiny", overrides=overrides), on_stage
+            )
 
     evals = report / "eval"
+    unseen = set(load_world(data.world).get("unseen", ()))
     rows = []
 
-    def score(name: str, **kw) -> None:
-        res = run_eval(
-            EvalConfig(
-                dataset="world",
-                data_root=str(data.world),
-                device=cfg.device,
-                output=str(evals / _slug(name)),
-                **kw,
+    def score(name: str, runs_by_seed: dict, **kw) -> None:
+        per_seed = []
+        for seed, extra in runs_by_seed.items():
+            res = run_eval(
+                EvalConfig(
+                    dataset="world",
+                    data_root=str(data.world),
+                    device=cfg.device,
+                    output=str(evals / _slug(name) / f"seed-{seed}"),
+                    **kw,
+                    **extra,
+                )
             )
+            per_class = {k: v["IoU"] for k, v in res.per_class.items()}
+            per_seed.append(
+                {"seed": seed, **split_scores(per_class, unseen), "per_class": per_class}
+            )
+        rows.append(summarise(name, per_seed))
+        m = rows[-1]["mean"]
+        on_stage(
+            f"eval: {name}",
+            f"unseen {100 * m['unseen']:.1f}, seen {100 * m['seen']:.1f}, all {100 * m['all']:.1f}",
         )
-        rows.append(
-            {
-                "model": name,
-                "mIoU": res.mIoU,
-                "mAcc": res.mAcc,
-                "aAcc": res.aAcc,
-                "per_class": {k: v["IoU"] for k, v in res.per_class.items()},
-            }
-        )
-        on_stage(f"eval: {name}", f"mIoU {100 * res.mIoU:.1f}")
 
-    score("untrained decoder", overrides=tuple(backbone))
-    score("CLIPSeg-style init", decoder_init=init.output, overrides=tuple(backbone))
-    for name, run in trained.items():
-        score(name, checkpoint=run)
+    score("untrained decoder", {None: {}}, overrides=tuple(backbone))
+    score("CLIPSeg-style init", {None: {}}, decoder_init=init.output, overrides=tuple(backbone))
+    for name, by_seed in trained.items():
+        score(name, {seed: {"checkpoint": run} for seed, run in by_seed.items()})
+    if cfg.baselines:
+        for method in TRAINING_FREE:
+            score(f"{method} (training-free)", {None: {}}, method=method, overrides=tuple(backbone))
+    movement = {
+        row: decoder_movement(by_seed[seeds[0]], init.output)
+        for row, by_seed in trained.items()
+        if row in ("MCCL (SynSeg)", f"MCCL, {PAPER_SGD}")
+    }
 
     from trainer.world.report import write_report
 
@@ -209,6 +287,7 @@ def run_world_demo(
         runs=trained,
         seconds=time.time() - t0,
         variants=variants,
+        movement=movement,
     )
     return DemoResult(rows, time.time() - t0, str(report))
 
