@@ -396,7 +396,7 @@ def picture_stems(images: list[Path]) -> list[str]:
 @app.command()
 @handle_errors
 def demo(
-    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 2000,
+    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 1600,
     mccl_steps: Annotated[int, typer.Option(help="MCCL training steps")] = 150,
     ablations: Annotated[
         bool, typer.Option(help="Also run the loss ablation (paper's Table 2)")

@@ -103,14 +103,14 @@ def decoder_movement(run: str, init: str) -> dict:
 
 @dataclass
 class WorldDemoConfig:
-    count: int = 2000  # train images of the world (captions only)
-    val_count: int = 120  # held-out images with masks (the evaluation)
+    count: int = 1600  # train images of the world (captions only)
+    val_count: int = 100  # held-out images with masks (the evaluation)
     ref_count: int = 600  # images with masks for the CLIPSeg-style stage
     port: int = 8642
     runs: str = "runs/world"  # models and training runs
     report: str = "reports/world"  # the report folder
-    pretrain_steps: int = 300
-    init_steps: int = 300
+    pretrain_steps: int = 250
+    init_steps: int = 250
     mccl_steps: int = 150
     mccl_lr: float = 1e-4
     batch_size: int = 16
@@ -218,6 +218,7 @@ def run_world_demo(
         f"data.batch_size={cfg.batch_size}",
         f"run.device={cfg.device}",
         "run.log_every=5",
+        "data.workers=1",  # decoding overlaps the step: about 10% faster on two cores
         *cfg.overrides,
     ]
     seeds = [SEED + i for i in range(cfg.seeds)]
