@@ -72,11 +72,14 @@ def summarise(name: str, per_seed: list[dict]) -> dict:
     }
 
 
+TIE_FLOOR = 0.005  # half a point of mIoU: below it, no difference is read into 100 val images
+
+
 def verdict(a: dict, b: dict, key: str) -> str:
     """How row ``b`` compares with row ``a`` on ``key``: a gain or a loss only when the means
-    differ by more than twice the larger spread, else a tie."""
+    differ by more than twice the larger spread (and by more than half a point), else a tie."""
     delta = b["mean"][key] - a["mean"][key]
-    band = 2 * max(a["spread"][key], b["spread"][key])
+    band = max(2 * max(a["spread"][key], b["spread"][key]), TIE_FLOOR)
     if abs(delta) <= band:
         return "tie"
     return "gain" if delta > 0 else "loss"
