@@ -178,7 +178,8 @@ def test_eval_checks_its_class_file_and_options(world, tmp_path):
     base = ["eval", "--dataset", "world", "--data-root", world, "--output", tmp_path]
     extra = tmp_path / "more.txt"
     extra.write_text((world / "classes.txt").read_text() + "zebra\n")
-    one_error_line(cli(*base, "--classes", extra), "has 11 classes; world labels have 10")
+    n = len((world / "classes.txt").read_text().split())
+    one_error_line(cli(*base, "--classes", extra), f"has {n + 1} classes; world labels have {n}")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(bytes(range(256)) * 4)
     one_error_line(cli(*base, "--classes", binary), "not UTF-8")
