@@ -411,6 +411,7 @@ def demo(
 
     from pipeline.console import out
     from trainer.world.demo import WorldDemoConfig, run_world_demo
+    from trainer.world.report import pm
 
     cfg = WorldDemoConfig(
         count=count,
@@ -434,12 +435,6 @@ def demo(
         table.add_row(r["model"], *(pm(r, k) for k in ("unseen", "seen", "all", "hm")))
     out.print(table)
     out.print(f"report: {result.report}/report.md ({result.seconds / 60:.1f} minutes)")
-
-
-def pm(row: dict, key: str) -> str:
-    """A row's mean, with its spread over seeds when it has several."""
-    mean = f"{100 * row['mean'][key]:.1f}"
-    return mean if len(row["seeds"]) < 2 else f"{mean} ± {100 * row['spread'][key]:.1f}"
 
 
 def main() -> None:
