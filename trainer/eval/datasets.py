@@ -55,9 +55,12 @@ def _voc_like(images: str, labels: str, split: str) -> Callable[[Path], list[Sam
     return find
 
 
-def _suffix_pairs(
+def suffix_pairs(
     images: str, labels: str, suffix: str, img_suffix: str = ".jpg", nested: bool = False
 ):
+    """Samples from label files named ``<stem><suffix>`` under ``labels`` (one folder deeper
+    when ``nested``, e.g. Cityscapes' cities), each with ``images/[folder/]<stem><img_suffix>``."""
+
     def find(root: Path) -> list[Sample]:
         pattern = f"*/*{suffix}" if nested else f"*{suffix}"
         out = []
@@ -95,7 +98,7 @@ SPECS = {
         True,
         False,
         "images/val2017/*.jpg, annotations/val2017/*_instanceTrainIds.png",
-        _suffix_pairs("images/val2017", "annotations/val2017", "_instanceTrainIds.png"),
+        suffix_pairs("images/val2017", "annotations/val2017", "_instanceTrainIds.png"),
     ),
     "stuff": DatasetSpec(
         "stuff",
@@ -103,7 +106,7 @@ SPECS = {
         False,
         False,
         "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png",
-        _suffix_pairs("images/val2017", "annotations/val2017", "_labelTrainIds.png"),
+        suffix_pairs("images/val2017", "annotations/val2017", "_labelTrainIds.png"),
     ),
     "city": DatasetSpec(
         "city",
@@ -111,7 +114,7 @@ SPECS = {
         False,
         False,
         "leftImg8bit/val/CITY/*_leftImg8bit.png, gtFine/val/CITY/*_gtFine_labelTrainIds.png",
-        _suffix_pairs(
+        suffix_pairs(
             "leftImg8bit/val",
             "gtFine/val",
             "_gtFine_labelTrainIds.png",
@@ -125,7 +128,7 @@ SPECS = {
         False,
         True,
         "images/validation/*.jpg, annotations/validation/*.png",
-        _suffix_pairs("images/validation", "annotations/validation", ".png"),
+        suffix_pairs("images/validation", "annotations/validation", ".png"),
     ),
     "world": DatasetSpec(
         "world",

@@ -18,9 +18,9 @@ from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer.eval.datasets import open_dataset
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
-from trainer.eval.methods import TRAINING_FREE
+from trainer.eval.methods import TRAINING_FREE, check_weights
 from trainer.eval.metrics import IoUAccumulator
-from trainer.eval.protocols import get_protocol
+from trainer.eval.protocols import geometry, get_protocol
 
 
 @dataclass
@@ -52,9 +52,6 @@ class EvalConfig:
     seed: int = 0  # fresh decoder weights of an untrained model
 
     def __post_init__(self) -> None:
-        from trainer.eval.methods import check_weights
-        from trainer.eval.protocols import get_protocol
-
         check_weights(self.method, self.checkpoint, self.decoder_init)
         get_protocol(self.protocol)
         problems = []
@@ -68,8 +65,6 @@ class EvalConfig:
 
     def inference(self, model_size: int) -> InferConfig:
         """The protocol's settings on this dataset, with every given override applied."""
-        from trainer.eval.protocols import geometry, get_protocol
-
         p = get_protocol(self.protocol)
         short, long, window, stride = geometry(p, self.dataset, model_size)
         thr = p.bg_threshold_pamr if self.pamr else p.bg_threshold

@@ -40,6 +40,7 @@ from PIL import Image
 from pipeline.cores import default_processes, parallel_map
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, clean_stale, write_json
+from trainer.eval.datasets import Sample, suffix_pairs
 
 DATASETS = ("voc", "context", "object", "stuff", "city", "ade")
 
@@ -218,25 +219,22 @@ def _under(source: Path, name: str) -> Path:
 
 
 def _pairs(
-    images: Path, labels: Path, label_suffix: str, image_suffix: str, nested: bool = False
-) -> list[tuple[str, Path, Path]]:
-    """(name, image, label) of every label file; refuses labels without their image."""
-    pattern = f"*/*{label_suffix}" if nested else f"*{label_suffix}"
-    out, missing = [], []
-    for lab in sorted(labels.glob(pattern)):
-        stem = lab.name[: -len(label_suffix)]
-        if "TrainIds" in stem:  # outputs of a converter run in place
-            continue
-        sub = lab.parent.name if nested else ""
-        img = images / sub / f"{stem}{image_suffix}"
-        (out if img.exists() else missing).append((f"{sub}/{stem}" if sub else stem, img, lab))
+    root: Path, images: str, labels: str, label_suffix: str, image_suffix: str, nested=False
+) -> list[Sample]:
+    """The samples ``eval`` would pair (``suffix_pairs``), without a converter's earlier output
+    (``*TrainIds*``); refuses labels without their image."""
+    _need(root / images, "the images")
+    _need(root / labels, "the annotations")
+    find = suffix_pairs(images, labels, label_suffix, image_suffix, nested)
+    out = [s for s in find(root) if "TrainIds" not in s.name]
+    missing = [s for s in out if not s.image.exists()]
     if missing:
         raise UserError(
-            f"source is incomplete: {len(missing)} of {len(out) + len(missing)} label maps have "
-            f"no image, e.g. {missing[0][1]}"
+            f"source is incomplete: {len(missing)} of {len(out)} label maps have "
+            f"no image, e.g. {missing[0].image}"
         )
     if not out:
-        raise UserError(f"source is incomplete: no *{label_suffix} files under {labels}")
+        raise UserError(f"source is incomplete: no *{label_suffix} files under {root / labels}")
     return out
 
 
@@ -313,36 +311,32 @@ def _context_plan(
 
 
 def _coco_plan(source: Path, out: Path, rule: str, suffix: str) -> tuple[list[Job], dict]:
-    images = _need(source / "images/val2017", "COCO's val2017 images")
-    labels = _need(source / "annotations/val2017", "COCO-Stuff's stuffthingmaps for val2017")
     jobs = [
         Job(
-            str(img),
-            str(out / "images/val2017" / img.name),
-            str(out / "annotations/val2017" / f"{name}{suffix}"),
+            str(s.image),
+            str(out / "images/val2017" / s.image.name),
+            str(out / "annotations/val2017" / f"{s.name}{suffix}"),
             rule,
-            str(lab),
+            str(s.label),
         )
-        for name, img, lab in _pairs(images, labels, ".png", ".jpg")
+        for s in _pairs(source, "images/val2017", "annotations/val2017", ".png", ".jpg")
     ]
     return jobs, {}
 
 
 def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
-    images = _need(source / "leftImg8bit/val", "the val images")
-    labels = _need(source / "gtFine/val", "the val annotations")
     jobs = []
-    for name, img, lab in _pairs(
-        images, labels, "_gtFine_labelIds.png", "_leftImg8bit.png", nested=True
+    for s in _pairs(
+        source, "leftImg8bit/val", "gtFine/val", "_gtFine_labelIds.png", "_leftImg8bit.png", True
     ):
-        city, stem = name.split("/")
+        city = s.label.parent.name
         jobs.append(
             Job(
-                str(img),
-                str(out / "leftImg8bit/val" / city / img.name),
-                str(out / "gtFine/val" / city / f"{stem}_gtFine_labelTrainIds.png"),
+                str(s.image),
+                str(out / "leftImg8bit/val" / city / s.image.name),
+                str(out / "gtFine/val" / city / f"{s.name}_gtFine_labelTrainIds.png"),
                 "lut:city",
-                str(lab),
+                str(s.label),
             )
         )
     return jobs, {}
@@ -350,17 +344,15 @@ def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
 
 def _ade_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
     root = _under(source, "ADEChallengeData2016")
-    images = _need(root / "images/validation", "the validation images")
-    labels = _need(root / "annotations/validation", "the validation annotations")
     jobs = [
         Job(
-            str(img),
-            str(out / "images/validation" / img.name),
-            str(out / "annotations/validation" / lab.name),
+            str(s.image),
+            str(out / "images/validation" / s.image.name),
+            str(out / "annotations/validation" / s.label.name),
             "copy",
-            str(lab),
+            str(s.label),
         )
-        for _, img, lab in _pairs(images, labels, ".png", ".jpg")
+        for s in _pairs(root, "images/validation", "annotations/validation", ".png", ".jpg")
     ]
     return jobs, {}
 

@@ -106,7 +106,8 @@ class CLIPSegDecoder(nn.Module):
 # --------------------------------------------------------------------------- loading weights
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors, .pth or .pt file (unwrapping ``state_dict``)."""
     if not Path(path).is_file():
         raise UserError(f"decoder weights {path} do not exist")
     if str(path).endswith(".safetensors"):
@@ -176,7 +177,7 @@ def detect_format(sd: dict[str, torch.Tensor]) -> str:
 
 def load_decoder_state(decoder: CLIPSegDecoder, source: Path | dict) -> str:
     """Load CLIPSeg or Hugging Face decoder weights into ``decoder``; return the format found."""
-    sd = _read_state_dict(Path(source)) if not isinstance(source, dict) else source
+    sd = read_state_dict(Path(source)) if not isinstance(source, dict) else source
     fmt = detect_format(sd)
     mapped = from_huggingface(sd) if fmt == "huggingface" else from_clipseg(sd)
     own = decoder.state_dict()

@@ -88,14 +88,12 @@ def verdict(a: dict, b: dict, key: str) -> str:
 def decoder_movement(run: str, init: str) -> dict:
     """How far training moved the decoder from its CLIPSeg-style start: ||w - w0|| / ||w0||
     over every decoder tensor, and the steps it took."""
-    import torch
-    from safetensors.torch import load_file
-
+    from trainer.model.decoder import read_state_dict
     from trainer.train.checkpoint import find
 
     ckpt = find(run)
-    trained = load_file(str(ckpt / "model.safetensors"))
-    start = torch.load(init, map_location="cpu", weights_only=True)
+    trained = read_state_dict(ckpt / "model.safetensors")
+    start = read_state_dict(Path(init))
     num = sum(
         float((trained[f"decoder.{k}"].double() - v.double()).pow(2).sum())
         for k, v in start.items()

@@ -164,11 +164,6 @@ def pictures(
     return made
 
 
-def _steps(run: str) -> int:
-    log = (Path(run) / "metrics.jsonl").read_text().splitlines()
-    return json.loads(log[-1])["step"] if log else 0
-
-
 def write_report(
     report: Path,
     rows: list[dict],
