@@ -42,10 +42,10 @@ def world(
     output: Annotated[Path, typer.Option(help="Folder for the world")] = Path("data/world"),
     count: Annotated[
         int, typer.Option(help="Train images (captions only, served over HTTP)")
-    ] = 2000,
+    ] = 1600,
     val_count: Annotated[
         int, typer.Option(help="Held-out images with masks, for evaluation")
-    ] = 200,
+    ] = 100,
     ref_count: Annotated[
         int, typer.Option(help="Images with phrase masks, standing in for CLIPSeg's data")
     ] = 600,
@@ -365,7 +365,7 @@ def inspect(
 @app.command()
 @handle_errors
 def demo(
-    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 2000,
+    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 1600,
     port: Annotated[int, typer.Option(help="Loopback port the world is served on")] = 8642,
     processes: Annotated[int, typer.Option(help="spaCy worker processes")] = 2,
 ) -> None:

@@ -27,9 +27,9 @@ class DemoConfig:
     nouns: Path = Path("manifests/nouns")
     labels: Path = Path("manifests/labels")
     shards: Path = Path("data/shards")
-    count: int = 2000  # train images of the world
-    val_count: int = 200
-    ref_count: int = 600
+    count: int = WorldConfig.count  # train images of the world
+    val_count: int = WorldConfig.val_count
+    ref_count: int = WorldConfig.ref_count
     size: int = 128  # world image side
     image_size: int = 64  # training resolution of the packed shards
     seed: int = 0

@@ -103,3 +103,24 @@ def test_world_reuse_and_refusals(tmp_path):
         run_world(WorldConfig(output=tmp_path / "other", count=5))
     with pytest.raises(UserError, match="--count"):
         WorldConfig(count=0)
+
+
+def test_command_line_world_sizes_are_the_worlds_own_defaults():
+    """`synseg-data world` after `make demo` must find the demo's world, not refuse it."""
+    import inspect
+
+    from pipeline import cli as data_cli
+    from pipeline.demo import DemoConfig
+    from trainer import cli as train_cli
+    from trainer.world.demo import WorldDemoConfig
+
+    world = inspect.signature(data_cli.world).parameters
+    for name in ("count", "val_count", "ref_count"):
+        assert world[name].default == getattr(WorldConfig, name), name
+        assert (
+            getattr(DemoConfig, name)
+            == getattr(WorldDemoConfig, name)
+            == getattr(WorldConfig, name)
+        )
+    for command in (data_cli.demo, train_cli.demo):
+        assert inspect.signature(command).parameters["count"].default == WorldConfig.count

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.world import WorldConfig
+
 ABLATIONS = {
     "no L_align": ["loss.align=0"],
     "no L_cont": ["loss.cont=0"],
@@ -104,9 +106,9 @@ def decoder_movement(run: str, init: str) -> dict:
 
 @dataclass
 class WorldDemoConfig:
-    count: int = 1600  # train images of the world (captions only)
-    val_count: int = 100  # held-out images with masks (the evaluation)
-    ref_count: int = 600  # images with masks for the CLIPSeg-style stage
+    count: int = WorldConfig.count  # train images of the world (captions only)
+    val_count: int = WorldConfig.val_count  # held-out images with masks (the evaluation)
+    ref_count: int = WorldConfig.ref_count  # images with masks for the CLIPSeg-style stage
     port: int = 8642
     runs: str = "runs/world"  # models and training runs
     report: str = "reports/world"  # the report folder
