@@ -8,7 +8,8 @@ give the same logits. On a GPU the ViT-B-16 figures are set beside the paper's 7
 per image, RTX 4090).
 
 The second part runs ``Segmenter`` (what ``synseg-train eval`` runs per image) on VOC-sized
-pictures (500 x 375) for every method under both protocols, against SynSeg under the ``tcl``
+pictures (500 x 375) for every method (ViL-Seg on towers of the same architecture) under both
+protocols, against SynSeg under the ``tcl``
 protocol in the same run. On the CPU it uses the tiny model with the geometry the world uses
 (the protocols scaled to its 64-px input); on a GPU, ViT-B-16 at the protocols' own sizes, in
 bf16, set beside the paper's 71 FPS.
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from trainer.model.synseg import ModelConfig, SynSeg
+from trainer.methods.synseg.model import ModelConfig, SynSeg
 
 PAPER_FPS = 71.0
 
@@ -102,13 +103,20 @@ def protocols(
 ) -> None:
     from PIL import Image
 
+    from trainer import methods
     from trainer.eval.evaluate import EvalConfig
     from trainer.eval.infer import Segmenter
-    from trainer.eval.methods import TRAINING_FREE
     from trainer.eval.protocols import PROTOCOLS
+    from trainer.methods.training_free import TRAINING_FREE
+    from trainer.methods.vilseg.model import ModelConfig as ViLSegConfig
+    from trainer.methods.vilseg.model import ViLSeg
+    from trainer.train.config import resolve
 
     torch.manual_seed(0)
     model = SynSeg(cfg).to(device).eval()
+    vilseg_arch = cfg.arch.replace("-quickgelu", "")
+    vilseg = ViLSeg(ViLSegConfig(arch=vilseg_arch, pretrained=None)).to(device).eval()
+    vilseg_cfg = resolve("tiny", method="vilseg")  # its tau sets the softmax temperature
     g = torch.Generator().manual_seed(1)
     images = [
         Image.fromarray((torch.rand(375, 500, 3, generator=g) * 255).byte().numpy())
@@ -120,7 +128,7 @@ def protocols(
     print(f"{name}: whole eval path, {n_images} images of 500 x 375, {n_classes} classes")
     base = None
     for protocol in PROTOCOLS:
-        for method in ("synseg", *TRAINING_FREE):
+        for method in ("synseg", "vilseg", *TRAINING_FREE):
             ev = EvalConfig(
                 dataset="world" if world else "voc20",
                 data_root=".",
@@ -131,7 +139,11 @@ def protocols(
             templates = PROTOCOLS[protocol].templates
             from trainer.eval.infer import read_templates
 
-            seg = Segmenter(model, classes, read_templates(templates)[:1], infer, method=method)
+            if method == "vilseg":
+                scorer = methods.scorer(method, vilseg, vilseg_cfg, infer)
+            else:
+                scorer = methods.scorer(method, model, None, infer)
+            seg = Segmenter(scorer, classes, read_templates(templates)[:1], infer)
             with autocast:
                 seg.predict(images[0], (375, 500))  # warm up
                 sync(device)

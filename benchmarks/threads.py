@@ -2,7 +2,7 @@
 process and with several at once (DDP ranks on one machine, or training beside another stage).
 
 The baseline is torch's default in the same run: every process uses a thread per core. The
-trainer's choice, `trainer.train.loop.cpu_threads`, is the cores divided among the processes.
+trainer's choice, `trainer.train.distributed.cpu_threads`, is the cores divided among the processes.
 
     python benchmarks/threads.py              # 1 and 2 processes, 10 steps each
     python benchmarks/threads.py --procs 1 2 4 --steps 20
@@ -21,8 +21,8 @@ def _rate(threads: int, steps: int, start, out) -> None:
     import torch
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's note on the random tiny model
-    from trainer.model.losses import LossConfig, MCCLoss
-    from trainer.model.synseg import ModelConfig, SynSeg
+    from trainer.methods.synseg.losses import LossConfig, MCCLoss
+    from trainer.methods.synseg.model import ModelConfig, SynSeg
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

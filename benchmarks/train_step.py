@@ -28,9 +28,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.model.synseg import SynSeg
+from trainer.methods.synseg.model import SynSeg
 from trainer.train.config import resolve
-from trainer.train.loop import Vocabulary, _Dist, _Step, _wrap
+from trainer.train.data import Vocabulary
+from trainer.train.distributed import Ranks
+from trainer.train.loop import _Step, _wrap
 from trainer.train.textcache import LabelCache
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device name.
@@ -131,8 +133,8 @@ def measure(name: str, preset: str, overrides: list[str], args, device: torch.de
         if cfg.run.channels_last:
             m = m.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(m.trainable_parameters(), lr=1e-5, momentum=0.9)
-        env = _Dist()
-        step = _Step(cfg, m, _wrap(m, cfg, env, device), opt, cache, vocab, env, device)
+        env = Ranks()
+        step = _Step(cfg, m, _wrap(m, cfg, env, device), opt, 10**9, cache, vocab, env, device)
         count = [0]
 
         def one(step=step, sync_each=sync_each, count=count) -> None:

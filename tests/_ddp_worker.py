@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 
 def one_step(rank: int, world: int, init_file: str, out: str) -> None:
-    from trainer.model.losses import LossConfig, MCCLoss
-    from trainer.model.synseg import ModelConfig, SynSeg
+    from trainer.methods.synseg.losses import LossConfig, MCCLoss
+    from trainer.methods.synseg.model import ModelConfig, SynSeg
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same start on every rank, as DDP requires

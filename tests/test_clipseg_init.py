@@ -1,8 +1,8 @@
 import torch
 
 from pipeline.world import UNSEEN
+from trainer.methods.synseg.model import ModelConfig, SynSeg
 from trainer.model.decoder import load_decoder_state
-from trainer.model.synseg import ModelConfig, SynSeg
 from trainer.world.clipseg_init import ClipSegInitConfig, load_split, run_clipseg_init
 
 TINY = dict(

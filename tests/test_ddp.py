@@ -43,8 +43,8 @@ def test_each_rank_reads_its_own_shards(shards):
 def test_ddp_averages_gradients_over_ranks(tmp_path):
     from _ddp_worker import batch, one_step
 
-    from trainer.model.losses import LossConfig, MCCLoss
-    from trainer.model.synseg import ModelConfig, SynSeg
+    from trainer.methods.synseg.losses import LossConfig, MCCLoss
+    from trainer.methods.synseg.model import ModelConfig, SynSeg
 
     mp.spawn(one_step, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from pipeline.errors import UserError
 from trainer.cli import app
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
+from trainer.methods.synseg.model import DecoderScorer
 
 
 class _Backbone:
@@ -29,6 +30,8 @@ class _Model(torch.nn.Module):
         super().__init__()
         self.backbone = _Backbone()
         self.w = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("std", torch.ones(1, 3, 1, 1))
         self.calls = []
 
     def segment(self, images, classes, chunk=256):
@@ -47,7 +50,7 @@ class _Model(torch.nn.Module):
 def test_synonyms_take_the_best_name_and_slide_covers_the_image():
     model = _Model()
     seg = Segmenter(
-        model,
+        DecoderScorer(model),
         [["cat", "kitty"], ["dog"], ["sky"]],
         ["a photo of a {}."],
         InferConfig(short_side=16, window=16, stride=8),
@@ -63,7 +66,7 @@ def test_synonyms_take_the_best_name_and_slide_covers_the_image():
 
 def test_background_threshold():
     seg = Segmenter(
-        _Model(),
+        DecoderScorer(_Model()),
         [["background"], ["cat"], ["sky"]],
         ["{}"],
         InferConfig(mode="whole", short_side=16, bg_threshold=0.5),
@@ -177,13 +180,13 @@ def test_metric_matches_a_manual_count_on_the_world(world, checkpoint):
     """The eval loop feeds the metric what the segmenter predicts, image by image."""
     from trainer.eval.datasets import open_dataset
     from trainer.eval.evaluate import EvalConfig, run_eval
-    from trainer.train.loop import load_model
+    from trainer.train.checkpoint import load_model
 
     cfg = EvalConfig(dataset="world", data_root=str(world), checkpoint=str(checkpoint), limit=4)
     res = run_eval(cfg)
     model, _ = load_model(checkpoint)
     data = open_dataset("world", world, limit=4)
-    seg = Segmenter(model, data.classes, read_templates("tcl9"), cfg.inference(64))
+    seg = Segmenter(DecoderScorer(model), data.classes, read_templates("tcl9"), cfg.inference(64))
     inter = np.zeros(20)
     union = np.zeros(20)
     for s in data.samples:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from trainer.eval.infer import InferConfig, Segmenter
 from trainer.eval.pamr import TCL_DILATIONS
+from trainer.methods.synseg.model import DecoderScorer
 
 D = 8  # text width of the fake model
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(1, 3, 1, 1)
@@ -166,7 +167,7 @@ def test_tcl_protocol_equals_mmsegmentation_slide_inference(
         pamr="window" if pamr_on else "off",
         pamr_dilations=TCL_DILATIONS,
     )
-    seg = Segmenter(FakeModel(), classes, templates, cfg, background=background)
+    seg = Segmenter(DecoderScorer(FakeModel()), classes, templates, cfg, background=background)
     pred, act = seg.predict(img, (53, 91))
     want_pred, want_act = reference(
         img, classes, templates, short, long, win, stride, thr, background, pamr_on

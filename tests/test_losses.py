@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.model.losses import LossConfig, MCCLoss, synergy
+from trainer.methods.synseg.losses import LossConfig, MCCLoss, synergy
 
 LO, HI = 0.005, 0.995
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.eval.methods import TRAINING_FREE, DenseCLIP, neighbourhood
+from trainer.methods.training_free import TRAINING_FREE, DenseCLIP, neighbourhood
 from trainer.model.backbone import FrozenCLIP
 
 

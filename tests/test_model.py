@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
+from trainer.methods.synseg.losses import LossConfig, MCCLoss
+from trainer.methods.synseg.model import ModelConfig, SynSeg
 from trainer.model.backbone import FrozenCLIP
-from trainer.model.losses import LossConfig, MCCLoss
-from trainer.model.synseg import ModelConfig, SynSeg
 
 TINY = dict(arch="synseg-tiny", pretrained=None, taps=(1, 2, 3), ffn_dim=128)
 

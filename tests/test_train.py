@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError
+from trainer.train.checkpoint import load_model
 from trainer.train.config import resolve
-from trainer.train.loop import load_model, run_train
+from trainer.train.loop import run_train
 
 
 def tiny(shards, out, *extra):
@@ -127,7 +128,7 @@ def test_load_model_and_another_architecture(full_run):
     out, _ = full_run
     model, cfg = load_model(out)
     assert cfg.model.projector_input == "visual" and not model.training
-    from trainer.model.synseg import ModelConfig, SynSeg
+    from trainer.methods.synseg.model import ModelConfig, SynSeg
     from trainer.train.checkpoint import find, load_weights
 
     other = SynSeg(

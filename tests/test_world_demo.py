@@ -4,8 +4,19 @@ import json
 
 from pipeline.serve import free_port
 from pipeline.world import SEEN, UNSEEN
-from trainer.eval.methods import TRAINING_FREE
-from trainer.world.demo import ABLATIONS, WorldDemoConfig, run_world_demo, summarise, verdict
+from trainer.methods.training_free import TRAINING_FREE
+from trainer.world.demo import (
+    ABLATIONS,
+    INIT,
+    VILSEG_CLIP_START,
+    VILSEG_RANDOM_START,
+    WorldDemoConfig,
+    run_world_demo,
+    summarise,
+    verdict,
+)
+
+VILSEG_ROWS = ("ViL-Seg from the in-world CLIP", "ViL-Seg from scratch (the paper's start)")
 
 
 def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -38,14 +49,28 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         "MCCL (SynSeg), seed 42",
         "MCCL (SynSeg), seed 43",
         *(f"{a}, seed 42" for a in ABLATIONS),
+        *(f"{v}, seed {s}" for v in VILSEG_ROWS for s in (42, 43)),
         "eval: untrained decoder",
         "eval: CLIPSeg-style init",
         "eval: MCCL (SynSeg)",
+        f"eval: {VILSEG_CLIP_START}",
+        f"eval: {VILSEG_RANDOM_START}",
+        *(f"eval: {v}" for v in VILSEG_ROWS),
     ):
         assert stage in stages, stage
     models = [r["model"] for r in result.table]
     assert models[:3] == ["untrained decoder", "CLIPSeg-style init", "MCCL (SynSeg)"]
-    assert len(models) == 3 + len(ABLATIONS) + len(TRAINING_FREE)
+    i = models.index(VILSEG_ROWS[0])
+    assert models[i - 1 : i + 3] == [
+        VILSEG_CLIP_START,
+        VILSEG_ROWS[0],
+        VILSEG_RANDOM_START,
+        VILSEG_ROWS[1],
+    ]
+    assert len(models) == 3 + len(ABLATIONS) + 4 + len(TRAINING_FREE)
+    starts = {r["model"]: r["start"] for r in result.table}
+    assert starts["MCCL (SynSeg)"] == INIT and starts[VILSEG_ROWS[0]] == VILSEG_CLIP_START
+    assert starts[VILSEG_ROWS[1]] == VILSEG_RANDOM_START and starts[INIT] is None
     report = tmp_path / "reports" / "world"
     for name in ("report.md", "results.json", "loss_curves.png", "label_histogram.png"):
         assert (report / name).is_file(), name
@@ -56,7 +81,8 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         for key in ("seen", "unseen", "all", "hm"):
             assert key in row["mean"] and key in row["spread"]
         seeds = [p["seed"] for p in row["per_seed"]]
-        assert seeds == ([42, 43] if row["model"].startswith("MCCL") else [None])
+        trained = row["model"].startswith("MCCL") or row["model"] in VILSEG_ROWS
+        assert seeds == ([42, 43] if trained else [None])
         for p in row["per_seed"]:
             s, u = p["seen"], p["unseen"]
             if s == s and u == u and s + u > 0:  # the harmonic mean of the two
@@ -77,11 +103,17 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     for r in saved["table"]:  # every row of the table is in the report
         assert f"| {r['model']} |" in text
     overlays = sorted(p.name for p in (report / "pictures").rglob("*_overlay.png"))
-    assert len(overlays) == 6  # 3 val images x (CLIPSeg-style, MCCL)
+    assert len(overlays) == 9  # 3 val images x (CLIPSeg-style, MCCL, ViL-Seg from the CLIP)
+    assert (
+        "ViL-Seg from the in-world CLIP, trained on the same shards' captions" in saved["finding"]
+    )
+    vil = next(x for x in text.splitlines() if x.startswith(f"| {VILSEG_ROWS[0]} |"))
+    assert vil.rstrip(" |").endswith(("(tie)", "(gain)", "(loss)"))  # compared with its start
     # a rerun reuses every stage
     again = []
     run_world_demo(cfg, on_stage=lambda name, what: again.append(what))
-    assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS))  # CLIP, init, runs
+    # CLIP, init, and every run: MCCL and its ablations, the two ViL-Seg rows, 2 seeds each
+    assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS) + 2)
 
 
 def test_a_difference_inside_the_spread_is_a_tie():

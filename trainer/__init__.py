@@ -1,11 +1,15 @@
-"""synseg-train: the SynSeg model, its training, its evaluation and the synthetic world's demo.
+"""synseg-train: trained open-vocabulary segmentation methods, their training, their evaluation
+beside the training-free ones, and the synthetic world's demo.
 
-trainer/model/   what the network is: frozen CLIP backbone, CLIPSeg decoder with FiLM,
-                 Feature Synergy Structure and the MCCL losses
-trainer/train/   how it learns: settings, the shard stream, label embeddings, checkpoints,
-                 the training loop (one process or DDP)
-trainer/eval/    how it is scored: benchmark readers, mIoU, sliding-window inference,
-                 the eval loop, overlays
+trainer/methods/ what each method is, behind one registry: SynSeg (``synseg``), ViL-Seg
+                 (``vilseg``), the training-free baselines (``training_free``), and the
+                 contract a trained method fulfils (``base``)
+trainer/model/   the network parts methods share: open_clip's towers read token by token,
+                 CLIPSeg's decoder with FiLM
+trainer/train/   how any method learns: settings, the shard stream, label embeddings,
+                 checkpoints, the optimizer and its schedule, one process or DDP, the loop
+trainer/eval/    how any method is scored: benchmark readers, mIoU, sliding-window inference,
+                 protocols, PAMR, the eval loop, class subsets, overlays
 trainer/world/   the offline demo: in-world CLIP pretraining, the CLIPSeg-style decoder
                  init, the demo's chain and report
 trainer/cli.py   the ``synseg-train`` command line

@@ -1,12 +1,15 @@
 """synseg-train: the command line over the trainer.
 
 synseg-train run --preset tiny --set optim.lr=3e-4 --set data.batch_size=32
+synseg-train run --method vilseg --preset tiny                    # another trained method
 synseg-train encode-labels --preset paper --shards data/shards   # optional: before a run
 torchrun --nproc_per_node 8 -m trainer.cli run --preset paper     # several GPUs
+synseg-train methods                                              # what can be trained and scored
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -18,8 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.console import err, handle_errors, summary
 from pipeline.errors import UserError
 
+HELP = "Train open-vocabulary segmentation methods on packed shards and score them zero-shot."
+
 app = typer.Typer(
-    help="SynSeg trainer: MCCL training on packed shards.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,10 +42,11 @@ DecoderInitOpt = Annotated[
 TemplatesOpt = Annotated[str, typer.Option(help="Prompt templates: single, clip7 or a file")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 MethodOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="synseg (the checkpoint's decoder), clipseg (--decoder-init's), or a training-free "
-        "method on the same backbone: maskclip, sclip, clearclip, naclip"
+        help="What scores (`synseg-train methods`): default the checkpoint's own method (synseg "
+        "without one); clipseg (--decoder-init's weights); or a training-free method on the "
+        "same frozen CLIP: maskclip, sclip, clearclip, naclip"
     ),
 ]
 SetOpt = Annotated[
@@ -49,7 +55,14 @@ SetOpt = Annotated[
 
 
 # Options that run and encode-labels share: how the settings are made.
-RunPresetOpt = Annotated[str, typer.Option(help="Settings to start from: paper or tiny")]
+RunPresetOpt = Annotated[
+    str,
+    typer.Option(help="Settings to start from: the method's paper or tiny, or METHOD-NAME"),
+]
+RunMethodOpt = Annotated[
+    str | None,
+    typer.Option(help="Trained method: synseg (default) or vilseg (`synseg-train methods`)"),
+]
 ConfigFilesOpt = Annotated[
     list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")
 ]
@@ -61,25 +74,25 @@ RunOutputOpt = Annotated[str | None, typer.Option(help="Run folder (run.output)"
 RunDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")]
 
 
-def _settings(preset: str, config: list[Path], set_: list[str], **fields):
-    """The resolved settings: the preset, config files, --set, then the named options
+def _settings(preset: str, config: list[Path], set_: list[str], method: str | None, **fields):
+    """The resolved settings: the method's preset, config files, --set, then the named options
     (``data__shards="x"`` for data.shards), each only when given."""
     from trainer.train.config import resolve
 
-    overrides = list(set_)
-    overrides += [f"{k.replace('__', '.')}={v}" for k, v in fields.items() if v is not None]
-    return resolve(preset, config, overrides)
+    values = {k.replace("__", "."): v for k, v in fields.items() if v is not None}
+    return resolve(preset, config, list(set_), method=method, values=values)
 
 
 @app.callback()
 def _group() -> None:
-    """SynSeg trainer: MCCL training on packed shards."""
+    """Train open-vocabulary segmentation methods on packed shards and score them zero-shot."""
 
 
 @app.command()
 @handle_errors
 def run(
     preset: RunPresetOpt = "paper",
+    method: RunMethodOpt = None,
     config: ConfigFilesOpt = [],  # noqa: B006
     set_: RunSetOpt = [],  # noqa: B006
     shards: ShardsOpt = None,
@@ -93,13 +106,14 @@ def run(
         typer.Option("--resume", help="Continue the run in --output from its latest checkpoint"),
     ] = False,
 ) -> None:
-    """Train SynSeg with Multi-Category Contrastive Learning."""
+    """Train a method (SynSeg's MCCL by default) on the packed shards."""
     from trainer.train.loop import run_train
 
     cfg = _settings(
         preset,
         config,
         set_,
+        method,
         data__shards=shards,
         run__output=output,
         optim__max_steps=steps,
@@ -159,6 +173,7 @@ def run(
 @handle_errors
 def encode_labels(
     preset: RunPresetOpt = "paper",
+    method: RunMethodOpt = None,
     config: ConfigFilesOpt = [],  # noqa: B006
     set_: RunSetOpt = [],  # noqa: B006
     shards: ShardsOpt = None,
@@ -170,7 +185,7 @@ def encode_labels(
     from trainer.train.loop import encode_labels as encode
 
     cfg = _settings(
-        preset, config, set_, data__shards=shards, run__output=output, run__device=device
+        preset, config, set_, method, data__shards=shards, run__output=output, run__device=device
     )
     t = time.time()
     with progress("encoding label phrases", "phrases") as (total, advance, _):
@@ -192,7 +207,7 @@ def eval_(
     classes: Annotated[
         str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
     ] = None,
-    method: MethodOpt = "synseg",
+    method: MethodOpt = None,
     protocol: Annotated[
         str, typer.Option(help="tcl (TCL/GroupViT's harness) or sclip (SCLIP/NACLIP/ClearCLIP's)")
     ] = "tcl",
@@ -206,6 +221,20 @@ def eval_(
         ),
     ] = None,
     limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
+    subset: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score a subset of the classes: vilseg-unseen (ViL-Seg's unseen classes), "
+            "or a file (one class a line, or JSON {dataset: [names]})"
+        ),
+    ] = None,
+    subset_mode: Annotated[
+        str,
+        typer.Option(
+            help="gzsl: every class a candidate, the subset scored; zsl: only the subset's "
+            "classes predicted, other pixels ignored"
+        ),
+    ] = "gzsl",
     mode: Annotated[str, typer.Option(help="slide or whole")] = "slide",
     short_side: Annotated[
         int, typer.Option(help="Short side after resizing (0: the protocol's)")
@@ -253,6 +282,8 @@ def eval_(
         pamr=pamr,
         templates=templates,
         limit=limit,
+        subset=subset,
+        subset_mode=subset_mode,
         mode=mode,
         short_side=short_side,
         long_side=long_side,
@@ -267,7 +298,7 @@ def eval_(
     with progress(f"evaluating {dataset}", "images") as (total, advance, _):
         res = run_eval(cfg, on_start=total, on_advance=advance)
     table = Table(
-        title=f"{dataset}, {method}, {protocol} protocol, per class (%)", title_justify="left"
+        title=f"{dataset}, {res.method}, {protocol} protocol, per class (%)", title_justify="left"
     )
     for col in ("class", "IoU", "Acc"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -278,6 +309,13 @@ def eval_(
         f"{dataset}: mIoU {100 * res.mIoU:.1f}  mAcc {100 * res.mAcc:.1f}  aAcc {100 * res.aAcc:.1f}  "
         f"({res.images} images, {res.images_per_second:.1f} images/s)"
     )
+    if res.subset:
+        n = len(res.subset["classes"])
+        out.print(
+            f"{Path(res.subset['name']).stem} ({res.subset['mode']}, {n} "
+            f"class{'es' if n != 1 else ''}): mIoU {100 * res.subset['mIoU']:.1f}  pixel "
+            f"accuracy {100 * res.subset['pixel_accuracy']:.1f}"
+        )
     out.print(f"written: {', '.join(res.files)}")
 
 
@@ -321,7 +359,7 @@ def segment(
         float, typer.Option(help="Activation a pixel needs to be shown as a class")
     ] = 0.5,
     templates: TemplatesOpt = "single",
-    method: MethodOpt = "synseg",
+    method: MethodOpt = None,
     short_side: Annotated[
         int, typer.Option(help="Resize short side to this (0: the model's training size)")
     ] = 0,
@@ -332,12 +370,13 @@ def segment(
     from PIL import Image
 
     from pipeline.console import out
-    from trainer.eval.evaluate import build_model, resolve_device
+    from trainer import methods
+    from trainer.eval.evaluate import build_model, check_weights, resolve_device
     from trainer.eval.infer import InferConfig, Segmenter, read_templates
-    from trainer.eval.methods import check_weights
     from trainer.eval.visualize import write_pictures
 
-    check_weights(method, checkpoint, decoder_init)
+    if method is not None:
+        check_weights(method, checkpoint, decoder_init)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise UserError("--classes needs at least one class name")
@@ -349,19 +388,15 @@ def segment(
             loaded.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-    model, train_cfg, _ = build_model(
-        checkpoint, preset, decoder_init, resolve_device(device), 0, tuple(set_)
+    model, train_cfg, _, method = build_model(
+        checkpoint, preset, decoder_init, resolve_device(device), 0, tuple(set_), method
     )
     short = short_side or train_cfg.data.image_size
-    seg = Segmenter(
-        model,
-        [[n] for n in names],
-        read_templates(templates),
-        InferConfig(
-            mode=mode, short_side=short, long_side=0, window=short, stride=max(1, short // 2)
-        ),
-        method=method,
+    infer = InferConfig(
+        mode=mode, short_side=short, long_side=0, window=short, stride=max(1, short // 2)
     )
+    scorer = methods.scorer(method, model, train_cfg, infer)
+    seg = Segmenter(scorer, [[n] for n in names], read_templates(templates), infer)
     for path, img, stem in zip(images, loaded, picture_stems(images), strict=True):
         _, act = seg.predict(img, (img.height, img.width))
         written = write_pictures(img, act.cpu().numpy(), names, threshold, output, stem)
@@ -391,6 +426,43 @@ def picture_stems(images: list[Path]) -> list[str]:
         if seen[s] > 1:
             stems[i] = f"{s}-{seen[s]}"
     return stems
+
+
+@app.command("methods")
+@handle_errors
+def methods_() -> None:
+    """List the methods: trained ones (run), released weights and training-free ones (eval)."""
+    from rich.table import Table
+
+    from pipeline.console import out
+    from trainer.methods import REGISTRY
+
+    table = Table(title="methods", title_justify="left")
+    for col in ("method", "kind", "what it is"):
+        table.add_column(col)
+    for m in REGISTRY.values():
+        table.add_row(m.name, m.kind, m.summary)
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def presets() -> None:
+    """List the presets of every trained method (--preset METHOD-NAME, or NAME with --method)."""
+    from rich.table import Table
+
+    from pipeline.console import out
+    from trainer import methods
+
+    table = Table(title="presets", title_justify="left")
+    for col in ("preset", "method", "what it is"):
+        table.add_column(col)
+    for name in methods.names("trained"):
+        m = methods.trained(name)
+        for p in m.preset_names():
+            about = json.loads((m.presets / f"{p}.json").read_text()).get("_about", "")
+            table.add_row(f"{name}-{p}", name, about)
+    out.print(table)
 
 
 @app.command()

@@ -1,2 +1,4 @@
 """Evaluation: benchmark readers and class files (``datasets``), mIoU (``metrics``),
-sliding-window inference (``infer``), the eval loop (``evaluate``), overlays (``visualize``)."""
+sliding-window inference (``infer``), the two protocols (``protocols``), PAMR (``pamr``), the
+eval loop and class subsets (``evaluate``), benchmarks from their published files
+(``prepare``), overlays (``visualize``)."""

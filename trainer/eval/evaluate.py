@@ -1,26 +1,35 @@
 """eval: zero-shot mIoU of a checkpoint (or of an untrained model) on a validation split.
 
-The result, with every setting that produced it, goes to ``eval-<dataset>.json`` and
-``eval-<dataset>.md`` beside the checkpoint (``--output`` for an untrained model); another
-method, protocol or PAMR adds to the name (``eval-voc-naclip-sclip-pamr.json``).
+The method is the run's (``trainer.methods``), or one named by ``method``: a training-free
+method on the run's frozen CLIP, or an untrained model of a preset. The result, with every
+setting that produced it, goes to ``eval-<dataset>.json`` and ``eval-<dataset>.md`` beside
+the checkpoint (``--output`` for an untrained model); another method, protocol or PAMR adds to
+the name (``eval-voc-naclip-sclip-pamr.json``). ``subset`` also scores a subset of the classes
+(ViL-Seg's unseen classes: ``trainer/eval/subsets``), with all classes as candidates
+(``gzsl``) or only the subset's (``zsl``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
-from trainer.eval.datasets import open_dataset
+from trainer import methods
+from trainer.eval.datasets import Dataset, open_dataset
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
-from trainer.eval.methods import TRAINING_FREE, check_weights
-from trainer.eval.metrics import IoUAccumulator
+from trainer.eval.metrics import IGNORE, IoUAccumulator
 from trainer.eval.protocols import geometry, get_protocol
+
+SUBSETS = Path(__file__).parent / "subsets"
+SUBSET_MODES = ("gzsl", "zsl")
 
 
 @dataclass
@@ -32,7 +41,7 @@ class EvalConfig:
     decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
     overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
     classes: str | None = None  # class file (default: trainer/eval/classnames/<dataset>.txt)
-    method: str = "synseg"  # synseg, clipseg or a training-free method (trainer.eval.methods)
+    method: str | None = None  # trainer.methods; None: the checkpoint's own (synseg without one)
     protocol: str = "tcl"  # tcl or sclip (trainer.eval.protocols): the defaults below
     pamr: bool = False  # PAMR refinement, where the protocol applies it
     # Each of these, when given, replaces the protocol's value.
@@ -45,16 +54,21 @@ class EvalConfig:
     average: str | None = None  # prob or score
     bg_threshold: float | None = None
     synonyms: bool | None = None
-    logit_scale: float = 0.0  # training-free methods' softmax temperature (0: the method's)
+    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the method's own)
     limit: int = 0  # evaluate only the first N images (0: all)
+    subset: str | None = None  # also score these classes: a name in trainer/eval/subsets or a file
+    subset_mode: str = "gzsl"  # gzsl: every class a candidate; zsl: only the subset's
     output: str | None = None  # where results go (default: beside the checkpoint)
     device: str = "auto"
     seed: int = 0  # fresh decoder weights of an untrained model
 
     def __post_init__(self) -> None:
-        check_weights(self.method, self.checkpoint, self.decoder_init)
+        if self.method is not None:
+            check_weights(self.method, self.checkpoint, self.decoder_init)
         get_protocol(self.protocol)
         problems = []
+        if self.subset_mode not in SUBSET_MODES:
+            problems.append(f"--subset-mode must be one of {', '.join(SUBSET_MODES)}")
         for name in ("limit", "short_side", "window", "stride"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
@@ -98,12 +112,23 @@ class EvalResult:
     images_per_second: float
     files: list[str] = field(default_factory=list)
     per_class: dict = field(default_factory=dict)
+    subset: dict | None = None  # mIoU and pixel accuracy of the class subset, when one is scored
+    method: str = ""  # what scored (the checkpoint's own method unless another was named)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_weights(method: str, checkpoint: str | None, decoder_init: str | None) -> None:
+    """One line for a method that is unknown, or that the given weights cannot serve."""
+    if methods.info(method).kind == "weights" and (checkpoint or not decoder_init):
+        raise UserError(
+            f"--method {method} scores released weights: give --decoder-init "
+            "(CLIPSeg or Hugging Face weights) and no --checkpoint"
+        )
 
 
 def build_model(
@@ -113,23 +138,84 @@ def build_model(
     device: torch.device,
     seed: int = 0,
     overrides: tuple[str, ...] = (),
+    method: str | None = None,
 ):
-    """(model, its training config, checkpoint folder): a trained model, or an untrained one
-    from a preset (a fresh decoder, or ``decoder_init``'s CLIPSeg weights; ``overrides`` as
-    ``group.field=value``) when no checkpoint."""
-    from trainer.model.synseg import SynSeg
+    """(model, its training config, checkpoint folder, method): a trained model and its
+    method (or ``method``, when it is training-free), or, with no checkpoint, an untrained model
+    of ``method`` (SynSeg's by default) from a preset (``decoder_init``: CLIPSeg weights for its
+    decoder; ``overrides`` as ``group.field=value``)."""
+    from trainer.train.checkpoint import find, load_model
     from trainer.train.config import resolve
-    from trainer.train.loop import load_model
 
+    kind = methods.info(method).kind if method else None
     if checkpoint:
-        from trainer.train.checkpoint import find
-
         model, train_cfg = load_model(checkpoint, device)
-        return model, train_cfg, find(checkpoint)
+        if method and kind != "training-free" and method != train_cfg.method:
+            raise UserError(
+                f"{checkpoint} is a {train_cfg.method} run; --method {method} cannot score it "
+                f"(leave --method out, or name a training-free method to run on its CLIP)"
+            )
+        return model, train_cfg, find(checkpoint), method or train_cfg.method
+    owner = methods.REGISTRY[method].model or method if kind in ("trained", "weights") else None
     extra = [f"model.decoder_init={decoder_init}"] if decoder_init else []
-    train_cfg = resolve(preset, overrides=[*overrides, *extra])
+    train_cfg = resolve(preset, overrides=[*overrides, *extra], method=owner)
     torch.manual_seed(seed)
-    return SynSeg(train_cfg.model).to(device).eval(), train_cfg, None
+    model = methods.trained(train_cfg.method).build(train_cfg.model).to(device).eval()
+    return model, train_cfg, None, method or train_cfg.method
+
+
+def read_subset(name_or_path: str, dataset: str, classes: list[list[str]]) -> list[int]:
+    """The class indices (label values) a subset names for ``dataset``: a JSON file of
+    ``{dataset: [class names]}`` (``trainer/eval/subsets/<name>.json``), or a text file of one
+    class name a line; a name matches any synonym of a class."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = SUBSETS / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SUBSETS.glob("*.json")))
+        raise UserError(f"class subset {name_or_path!r} not found (a file, or one of: {known})")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            table = json.loads(text)
+            if dataset not in table:
+                listed = ", ".join(k for k in table if not k.startswith("_"))
+                raise UserError(
+                    f"class subset {path.name} has no classes of {dataset} (it has {listed})"
+                )
+            names = table[dataset]
+        else:
+            names = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"class subset {path} cannot be read: {e}") from None
+    index = {n: i for i, syn in enumerate(classes) for n in syn}
+    unknown = [n for n in names if n not in index]
+    if unknown or not names:
+        raise UserError(
+            f"class subset {path.name}: {', '.join(unknown) or 'no classes'} "
+            f"{'is' if len(unknown) == 1 else 'are'} not a class of {dataset}"
+        )
+    return sorted({index[n] for n in names})
+
+
+def zsl_table(keep: list[int]) -> np.ndarray:
+    """The lookup table from a dataset's label values to the subset's (0..len(keep)-1), every
+    other pixel ignored (255): the zero-shot setting where only the subset is predicted."""
+    lut = np.full(256, IGNORE, dtype=np.int64)
+    lut[keep] = np.arange(len(keep))
+    return lut
+
+
+def subset_scores(acc: IoUAccumulator, keep: list[int], names: list[str]) -> dict:
+    """mIoU over the classes ``keep`` and their pixel accuracy (pixels of those classes that
+    were predicted right, over all their pixels)."""
+    iou = acc.iou()[keep]
+    area = acc.label_area[keep].sum()
+    return {
+        "mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "pixel_accuracy": float(acc.intersect[keep].sum() / area) if area else float("nan"),
+        "classes": [names[i] for i in keep],
+    }
 
 
 def run_eval(
@@ -139,46 +225,48 @@ def run_eval(
 ) -> EvalResult:
     device = resolve_device(cfg.device)
     data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
-    model, train_cfg, ckpt = build_model(
-        cfg.checkpoint, cfg.preset, cfg.decoder_init, device, cfg.seed, tuple(cfg.overrides)
+    keep = read_subset(cfg.subset, cfg.dataset, data.classes) if cfg.subset else None
+    classes, background, lut = data.classes, data.spec.background, None
+    if keep is not None and cfg.subset_mode == "zsl":
+        classes, background, lut = [data.classes[i] for i in keep], False, zsl_table(keep)
+    model, train_cfg, ckpt, method = build_model(
+        cfg.checkpoint,
+        cfg.preset,
+        cfg.decoder_init,
+        device,
+        cfg.seed,
+        tuple(cfg.overrides),
+        cfg.method,
     )
-    infer = cfg.inference(model.backbone.train_size)
+    infer = cfg.inference(model.native_size)
     templates = read_templates(cfg.templates or get_protocol(cfg.protocol).templates)
-    seg = Segmenter(
-        model, data.classes, templates, infer, background=data.spec.background, method=cfg.method
-    )
-    acc = IoUAccumulator(data.num_classes)
-    if on_start:
-        on_start(len(data.samples))
-    t = time.time()
-    for sample in data.samples:
-        image, label = data.load(sample)
-        pred, _ = seg.predict(image, label.shape)
-        acc.add(pred, label)
-        if on_advance:
-            on_advance(1)
-    rate = len(data.samples) / max(time.time() - t, 1e-9)
-    names = [n[0] for n in data.classes]
+    scorer = methods.scorer(method, model, train_cfg, infer)
+    seg = Segmenter(scorer, classes, templates, infer, background=background)
+    acc, rate = _score(seg, data, len(classes), lut, on_start, on_advance)
+    names = [n[0] for n in classes]
     summary = acc.summary(names)
-
-    out = Path(cfg.output) if cfg.output else (ckpt if ckpt is not None else Path("runs/untrained"))
+    if keep is not None:
+        scored = list(range(len(keep))) if lut is not None else keep
+        summary["subset"] = {
+            "name": cfg.subset,
+            "mode": cfg.subset_mode,
+            **subset_scores(acc, scored, names),
+        }
+    kind = methods.info(method).kind
     settings = {
         **asdict(cfg),
+        "method": method,
         "inference": asdict(infer),
         "templates_used": templates,
         "checkpoint_folder": str(ckpt) if ckpt else None,
-        "model": train_cfg.model.__dict__ | {"taps": list(train_cfg.model.taps)},
-        "normalisation": "clip" if cfg.method in TRAINING_FREE else model.normalisation,
+        "model": asdict(train_cfg.model),
+        "normalisation": "clip" if kind == "training-free" else model.normalisation,
         "torch": torch.__version__,
         "device": str(device),
     }
     record = {"dataset": cfg.dataset, **summary, "images_per_second": rate, "settings": settings}
-    out.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(cfg)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    write_json(json_path, record)
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown(record))
+    out = Path(cfg.output) if cfg.output else (ckpt if ckpt is not None else Path("runs/untrained"))
+    files = _write(out, result_stem(cfg, method), record)
     return EvalResult(
         cfg.dataset,
         summary["mIoU"],
@@ -186,20 +274,52 @@ def run_eval(
         summary["aAcc"],
         summary["images"],
         rate,
-        [str(json_path), str(md_path)],
+        files,
         summary["per_class"],
+        summary.get("subset"),
+        method,
     )
 
 
-def result_stem(cfg: EvalConfig) -> str:
-    """eval-<dataset>, then -<method> unless synseg, -<protocol> unless tcl, -pamr with PAMR."""
+def _score(seg: Segmenter, data: Dataset, num_classes: int, lut, on_start, on_advance):
+    """(the accumulated areas, images/s) of the segmenter over the dataset's samples; ``lut``
+    maps label values first (the zero-shot subset setting)."""
+    acc = IoUAccumulator(num_classes)
+    if on_start:
+        on_start(len(data.samples))
+    t = time.time()
+    for sample in data.samples:
+        image, label = data.load(sample)
+        if lut is not None:
+            label = lut[label]
+        pred, _ = seg.predict(image, label.shape)
+        acc.add(pred, label)
+        if on_advance:
+            on_advance(1)
+    return acc, len(data.samples) / max(time.time() - t, 1e-9)
+
+
+def _write(out: Path, stem: str, record: dict) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    write_json(json_path, record)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown(record))
+    return [str(json_path), str(md_path)]
+
+
+def result_stem(cfg: EvalConfig, method: str) -> str:
+    """eval-<dataset>, then -<method> unless synseg, -<protocol> unless tcl, -pamr with PAMR,
+    -<subset>[-zsl] with a class subset."""
     parts = [f"eval-{cfg.dataset}"]
-    if cfg.method != "synseg":
-        parts.append(cfg.method)
+    if method != "synseg":
+        parts.append(method)
     if cfg.protocol != "tcl":
         parts.append(cfg.protocol)
     if cfg.pamr:
         parts.append("pamr")
+    if cfg.subset:
+        parts.append(Path(cfg.subset).stem + ("-zsl" if cfg.subset_mode == "zsl" else ""))
     return "-".join(parts)
 
 
@@ -215,9 +335,15 @@ def markdown(record: dict) -> str:
         f"mIoU **{_pct(record['mIoU'])}**, mAcc {_pct(record['mAcc'])}, aAcc {_pct(record['aAcc'])} "
         f"on {record['images']} images ({record['images_per_second']:.1f} images/s on {s['device']}).",
         "",
-        "| setting | value |",
-        "|---|---|",
     ]
+    if record.get("subset"):
+        sub = record["subset"]
+        lines += [
+            f"Classes {', '.join(sub['classes'])} ({sub['name']}, {sub['mode']}): mIoU "
+            f"**{_pct(sub['mIoU'])}**, pixel accuracy {_pct(sub['pixel_accuracy'])}.",
+            "",
+        ]
+    lines += ["| setting | value |", "|---|---|"]
     for key in (
         "checkpoint",
         "checkpoint_folder",
@@ -230,6 +356,8 @@ def markdown(record: dict) -> str:
         "classes",
         "templates",
         "limit",
+        "subset",
+        "subset_mode",
         "normalisation",
     ):
         lines.append(f"| {key} | {s.get(key)} |")

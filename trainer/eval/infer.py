@@ -6,9 +6,10 @@ half up, OpenCV's bilinear resize), then slide a ``window`` with ``stride`` as
 MMSegmentation's ``slide_inference`` does (the last window of a row or column shifted back
 inside the image; a side shorter than the window is taken whole), or run the whole image.
 
-Each window gives a score per class name: the decoder's logit (``synseg``, ``clipseg``), or a
-training-free method's cosine (``trainer.eval.methods``). Its probability is the logit's
-sigmoid, or the softmax over all names of ``logit_scale`` x the cosines. ``average="prob"``
+Each window gives a score per class name, from the method's scorer (``trainer.methods.base.Scorer``):
+the decoder's logit (``synseg``, ``clipseg``), a training-free method's cosine, a ViL-Seg cluster's
+cosine. The scorer turns scores into probabilities: a logit's sigmoid, or the softmax over all
+names of a temperature times the cosines. ``average="prob"``
 averages the windows' probabilities (TCL's protocol); ``average="score"`` averages their scores
 and converts the average (the SCLIP family's). The average is resized (bilinear) to the
 label's size, a class takes its best name, and, on datasets with a background, a pixel is
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
-from trainer.eval.methods import LOGIT_SCALE, TRAINING_FREE, DenseCLIP, check_method
 from trainer.eval.pamr import TCL_DILATIONS, pamr
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -119,21 +119,19 @@ class InferConfig:
 
 
 class Segmenter:
-    """A model (or a training-free method on its backbone) plus class prompts: images in,
-    label maps and class probabilities out."""
+    """A method's scorer (``trainer.methods.scorer``) plus class prompts: images in, label maps
+    and class probabilities out."""
 
     def __init__(
         self,
-        model,
+        scorer,
         classes: list[list[str]],
         templates: list[str],
         cfg: InferConfig,
         background: bool = False,
-        method: str = "synseg",
     ) -> None:
-        check_method(method)
-        self.model, self.cfg, self.background, self.method = model, cfg, background, method
-        self.device = next(model.parameters()).device
+        self.scorer, self.cfg, self.background = scorer, cfg, background
+        self.device = scorer.mean.device
         named = classes[1:] if background else classes  # background is a threshold, not a prompt
         if not cfg.synonyms:
             named = [names[:1] for names in named]
@@ -144,14 +142,7 @@ class Segmenter:
             for c in range(len(named))
         ]  # the names of each class
         self.num_classes = len(named)
-        if method in TRAINING_FREE:
-            self.dense = DenseCLIP(model.backbone, method).to(self.device)
-            self.text = self.dense.encode_classes(self.names, templates).to(self.device)
-            self.scale = cfg.logit_scale or LOGIT_SCALE[method]
-        else:
-            self.dense = None
-            emb = model.backbone.encode_text([t.format(n) for n in self.names for t in templates])
-            self.text = emb.view(len(self.names), len(templates), -1).mean(1).to(self.device)
+        self.text = scorer.encode_classes(self.names, templates).to(self.device)
 
     # ------------------------------------------------------------------ pieces
 
@@ -160,25 +151,14 @@ class Segmenter:
         arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
         w, h = rescale_size(img.width, img.height, self.cfg.short_side, self.cfg.long_side)
         if self.cfg.mode == "whole":  # the whole image must tile into patches
-            p = self.model.backbone.patch_size
+            p = self.scorer.patch_size
             w, h = max(p, round(w / p) * p), max(p, round(h / p) * p)
         return resize_bilinear(arr, w, h)
 
-    def _scores(self, crops: torch.Tensor) -> torch.Tensor:
-        """Scores (n, names, h, w) of crops (n, 3, h, w) in [0, 1]."""
-        if self.dense is not None:
-            return self.dense.scores(crops, self.text)
-        return self.model.segment(crops, self.text, self.cfg.chunk)
-
-    def _prob(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
-        if self.dense is not None:
-            return torch.softmax(self.scale * scores, dim)
-        return torch.sigmoid(scores)
-
     def _refine(self, image01: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """PAMR of maps (n, names, h, w) against images (n, 3, H, W) in [0, 1]."""
-        norm = self.dense if self.dense is not None else self.model  # what the backbone sees
-        image = (image01 - norm.mean.to(image01.dtype)) / norm.std.to(image01.dtype)
+        mean, std = self.scorer.mean, self.scorer.std  # what the backbone sees
+        image = (image01 - mean.to(image01.dtype)) / std.to(image01.dtype)
         return pamr(image, maps, self.cfg.pamr_iters, self.cfg.pamr_dilations)
 
     # ------------------------------------------------------------------ the map
@@ -200,9 +180,9 @@ class Segmenter:
         for i in range(0, len(boxes), step):
             part = boxes[i : i + step]
             crops = torch.stack([x[:, y1:y2, x1:x2] for y1, x1, y2, x2 in part])
-            maps = self._scores(crops).float()  # (n, names, h, w)
+            maps = self.scorer.scores(crops, self.text).float()  # (n, names, h, w)
             if prob_avg:
-                maps = self._prob(maps, 1)
+                maps = self.scorer.probabilities(maps, 1)
             if self.cfg.pamr == "window":
                 maps = self._refine(crops, maps)
             for (y1, x1, y2, x2), m in zip(part, maps, strict=True):
@@ -215,7 +195,7 @@ class Segmenter:
             full = F.interpolate(x[None], size=out_size, mode="bilinear", align_corners=False)
             avg = self._refine(full, avg)
         avg = avg[0]
-        return avg if prob_avg else self._prob(avg, 0)
+        return avg if prob_avg else self.scorer.probabilities(avg, 0)
 
     def class_probs(self, img: Image.Image, out_size: tuple[int, int]) -> torch.Tensor:
         """(C, H, W): each class its best name's probability."""

@@ -1,6 +1,9 @@
-"""The frozen CLIP backbone (open_clip): residual-stream taps of the image tower, text embeddings.
+"""CLIP's towers (open_clip), read token by token: residual-stream taps of the image tower,
+its tokens in the joint space, text embeddings.
 
-CLIPSeg's decoder reads the visual residual stream, CLS token included, after chosen blocks
+``CLIPTowers`` runs an open_clip model's image tower block by block; ``FrozenCLIP`` is the
+frozen reading SynSeg's decoder and the training-free methods use, and methods that train the
+towers (ViL-Seg) use ``CLIPTowers`` as it is. CLIPSeg's decoder reads the visual residual stream, CLS token included, after chosen blocks
 (``taps``, 0-based block indices, CLIPSeg's ``extract_layers``). open_clip's own
 ``forward_intermediates`` drops the CLS token by default and does not resize position
 embeddings, so the tower is run here block by block, with the position embeddings resized
@@ -38,38 +41,42 @@ def open_clip():
     return oc
 
 
-class FrozenCLIP(nn.Module):
-    """An open_clip model with every parameter frozen and always in eval mode."""
+def create_clip(arch: str, pretrained: str | None, init_seed: int = 0):
+    """An open_clip model: ``pretrained`` an open_clip tag, a local checkpoint file, or None
+    (random weights drawn from ``init_seed``, so they can be drawn again identically)."""
+    oc = open_clip()
+    if arch not in oc.list_models():
+        raise UserError(
+            f"unknown architecture {arch!r}; open_clip knows e.g. ViT-B-16-quickgelu, synseg-tiny"
+        )
+    if pretrained and os.sep in pretrained and not Path(pretrained).is_file():
+        raise UserError(f"checkpoint file {pretrained} does not exist")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return oc.create_model(arch, pretrained=pretrained or None)
+    except RuntimeError as e:  # open_clip's words for an unknown tag or a failed download
+        raise UserError(
+            f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}"
+        ) from None
+    except OSError as e:  # no network, no cache
+        raise UserError(f"cannot download {arch} weights {pretrained!r}: {e}") from None
 
-    def __init__(
-        self, arch: str, pretrained: str | None, taps: tuple[int, ...], init_seed: int = 0
-    ) -> None:
+
+class CLIPTowers(nn.Module):
+    """Both towers of an open_clip model, the image tower run block by block so that its
+    position embeddings are resized (bicubic) to whatever patch grid the input gives.
+
+    Nothing here is frozen: ``FrozenCLIP`` is the frozen reading a decoder taps, and a method
+    that trains the towers (ViL-Seg) uses this class as it is.
+    """
+
+    def __init__(self, arch: str, pretrained: str | None, init_seed: int = 0) -> None:
         super().__init__()
-        oc = open_clip()
-        if arch not in oc.list_models():
-            raise UserError(
-                f"unknown architecture {arch!r}; open_clip knows e.g. ViT-B-16-quickgelu, synseg-tiny"
-            )
-        if pretrained and os.sep in pretrained and not Path(pretrained).is_file():
-            raise UserError(f"checkpoint file {pretrained} does not exist")
-        try:
-            # Random weights (no ``pretrained``) come from ``init_seed``: checkpoints hold only
-            # the trainable part, so the frozen towers must be rebuilt identically at load time.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                model = oc.create_model(arch, pretrained=pretrained or None)
-        except RuntimeError as e:  # open_clip's words for an unknown tag or a failed download
-            raise UserError(
-                f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}"
-            ) from None
-        except OSError as e:  # no network, no cache
-            raise UserError(f"cannot download {arch} weights {pretrained!r}: {e}") from None
-        self.model = model.eval().requires_grad_(False)
+        self.arch = arch
+        model = create_clip(arch, pretrained, init_seed)
+        self.model = model
         visual = model.visual
-        n_blocks = len(visual.transformer.resblocks)
-        if not taps or max(taps) >= n_blocks or min(taps) < 0:
-            raise UserError(f"taps {taps} must be block indices in 0..{n_blocks - 1} of {arch}")
-        self.taps = tuple(taps)
         self.width = visual.transformer.width
         self.embed_dim = (
             model.text_projection.shape[1]
@@ -80,10 +87,11 @@ class FrozenCLIP(nn.Module):
         self.train_size = (
             visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
         )
-        self.tokenizer = oc.get_tokenizer(arch)
+        self.tokenizer = open_clip().get_tokenizer(arch)
 
-    def train(self, mode: bool = True) -> FrozenCLIP:
-        return super().train(False)  # frozen: dropout and the like stay off
+    @property
+    def blocks(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
 
     def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         pos = self.model.visual.positional_embedding  # (1 + g*g, W)
@@ -124,6 +132,50 @@ class FrozenCLIP(nn.Module):
                 out.append(x if batch_first else x.transpose(0, 1))
         return out, (x if batch_first else x.transpose(0, 1))
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual-stream tokens (B, N, W) into the joint space: ``ln_post``, then the
+        projection, as CLIP treats its class token: (B, N, d)."""
+        visual = self.model.visual
+        x = visual.ln_post(x)
+        return x @ visual.proj if visual.proj is not None else x
+
+    def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Every token of the image tower in the joint space, (B, 1 + h*w, d) with the class
+        token first (its row is CLIP's image embedding), and the patch grid (h, w)."""
+        x, grid = self._embed(images)
+        return self.project(self._blocks(x, self.blocks)[1]), grid
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def text_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings (T, d) of token ids, not normalised."""
+        return self.model.encode_text(tokens)
+
+    def _device(self) -> torch.device:
+        tp = self.model.text_projection
+        return tp.device if isinstance(tp, torch.Tensor) else next(self.model.parameters()).device
+
+
+class FrozenCLIP(CLIPTowers):
+    """An open_clip model with every parameter frozen and always in eval mode, read at the
+    blocks a decoder taps."""
+
+    def __init__(
+        self, arch: str, pretrained: str | None, taps: tuple[int, ...], init_seed: int = 0
+    ) -> None:
+        # Random weights (no ``pretrained``) come from ``init_seed``: checkpoints hold only
+        # the trainable part, so the frozen towers must be rebuilt identically at load time.
+        super().__init__(arch, pretrained, init_seed)
+        self.model = self.model.eval().requires_grad_(False)
+        n_blocks = self.blocks
+        if not taps or max(taps) >= n_blocks or min(taps) < 0:
+            raise UserError(f"taps {taps} must be block indices in 0..{n_blocks - 1} of {arch}")
+        self.taps = tuple(taps)
+
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        return super().train(False)  # frozen: dropout and the like stay off
+
     @torch.no_grad()
     def visual_taps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Residual stream after each tap block: a list of (B, 1 + h*w, W), CLS first."""
@@ -135,16 +187,10 @@ class FrozenCLIP(nn.Module):
         """The residual stream entering the image tower's last block, (B, 1 + h*w, W), and
         the patch grid: what the training-free methods change the last block on."""
         x, grid = self._embed(images)
-        n = len(self.model.visual.transformer.resblocks)
-        return self._blocks(x, n - 1)[1], grid
+        return self._blocks(x, self.blocks - 1)[1], grid
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Projected text embeddings (T, d), not normalised (CLIPSeg conditions on these)."""
-        device = (
-            self.model.text_projection.device
-            if isinstance(self.model.text_projection, torch.Tensor)
-            else next(self.model.parameters()).device
-        )
-        tokens = self.tokenizer(texts).to(device)
-        return self.model.encode_text(tokens).float()
+        tokens = self.tokenize(texts).to(self._device())
+        return self.text_embedding(tokens).float()

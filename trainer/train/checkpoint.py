@@ -1,14 +1,16 @@
 """Checkpoints: trainable weights as safetensors, optimizer and step, the resolved config.
 
-    <run>/checkpoints/step-0000100/model.safetensors   FiLM + decoder + projector
+    <run>/checkpoints/step-0000100/model.safetensors   what the method trains (SynSeg: FiLM +
+                                                       decoder + projector)
                                   /optimizer.pt        optimizer state, step, epoch
-                                  /config.json         resolved TrainConfig, model description,
-                                                       label cache identity
+                                  /config.json         resolved TrainConfig (its method too),
+                                                       model description, label cache identity
                                   /stream.json         where each rank's data workers stand
     <run>/checkpoints/latest                           name of the newest complete checkpoint
 
 A checkpoint folder is written under a temporary name and renamed when complete, then
 ``latest`` is updated atomically: a crash never leaves a half checkpoint behind ``latest``.
+``load_model`` rebuilds a run's model, whatever its method, for eval, ``segment`` or Python.
 """
 
 from __future__ import annotations
@@ -116,3 +118,16 @@ def load_stream(ckpt: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read: {e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, its TrainConfig): a trained model from a run folder or checkpoint folder, built
+    by the method the run trained, in eval mode."""
+    from trainer import methods
+    from trainer.train.config import from_dict
+
+    ckpt = find(path)
+    cfg = from_dict(read_config(ckpt)["config"])
+    model = methods.trained(cfg.method).build(cfg.model)
+    load_weights(model, ckpt)
+    return model.to(device).eval(), cfg

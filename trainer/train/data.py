@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.fsutil import read_parquet
+from pipeline.pack import VOCABULARY
 
 
 @dataclass
@@ -294,3 +296,32 @@ def loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+class Vocabulary:
+    """The shards' label phrases (``vocabulary.parquet`` from ``synseg-data pack``): what the
+    trainer encodes before the first step and where absent-category negatives come from."""
+
+    def __init__(self, shards_folder: str | Path) -> None:
+        path = Path(shards_folder) / VOCABULARY
+        self.phrases: list[str] = (
+            read_parquet(path, ["phrase"]).column("phrase").to_pylist() if path.exists() else []
+        )
+        self.position = {p: i for i, p in enumerate(self.phrases)}
+
+    def absent(self, labels: list[list[str]], k: int, rng: random.Random) -> list[str] | None:
+        """k phrases per image drawn from the vocabulary, none of them the image's own labels
+        (None if the vocabulary is too small for that)."""
+        picks: list[str] = []
+        n = len(self.phrases)
+        for ls in labels:
+            own = {self.position[p] for p in ls if p in self.position}
+            if n - len(own) < k:
+                return None
+            chosen: list[int] = []
+            while len(chosen) < k:
+                j = rng.randrange(n)
+                if j not in own and j not in chosen:
+                    chosen.append(j)
+            picks += [self.phrases[j] for j in chosen]
+        return picks

@@ -1,16 +1,20 @@
-"""The training loop: MCCL on packed shards, one process or many (torchrun, DDP).
+"""The training loop: any trained method (``trainer.methods``) on packed shards, one process
+or many (torchrun, DDP).
 
-Only the FiLM layers, the decoder and the FSS projector train; the CLIP towers stay frozen.
-A run folder holds ``config.json`` (the resolved settings), ``metrics.jsonl`` and
-``checkpoints/``. ``resume=True`` continues from the latest checkpoint at the next step, with
-the same data order and the same random draws as an uninterrupted run.
+What trains, what the step feeds the model and what it minimises are the method's; the loop
+owns the rest: the shard stream, the label-embedding table for methods that read one, the
+optimizer and its schedule, DDP, metrics, checkpoints. A run folder holds ``config.json`` (the
+resolved settings), ``metrics.jsonl`` and ``checkpoints/``. ``resume=True`` continues from the
+latest checkpoint at the next step, with the same data order and the same random draws as an
+uninterrupted run.
+
+    _plan (data, length, checkpoint) -> _build (model, optimizer, resumed state)
+    -> _label_table (vocabulary encoded) -> _Step -> _loop (epochs, logging, checkpoints)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 import time
 import warnings
@@ -21,15 +25,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.cores import available_cores
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, clean_stale, read_parquet, write_json
+from pipeline.fsutil import clean_stale, write_json
 from pipeline.pack import VOCABULARY
-from trainer.model.losses import MCCLoss
-from trainer.model.synseg import SynSeg
-from trainer.train import checkpoint
-from trainer.train.config import TrainConfig, from_dict
-from trainer.train.data import ShardSet, ShardStream, find_shards, loader
+from trainer import methods
+from trainer.methods.base import StepContext
+from trainer.train import checkpoint, distributed
+from trainer.train.config import TrainConfig
+from trainer.train.data import ShardSet, ShardStream, Vocabulary, find_shards, loader
+from trainer.train.distributed import Ranks
+from trainer.train.metrics import MetricsLog
+from trainer.train.optim import build_optimizer, lr_at, set_lr
 from trainer.train.textcache import LabelCache
 
 
@@ -46,83 +52,16 @@ class TrainStats:
     images_per_second: float = 0.0
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_wanted: str) -> tuple[_Dist, torch.device]:
-    env = _Dist(
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
-    if device_wanted == "auto":
-        device = torch.device(f"cuda:{env.local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_wanted)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("run.device is cuda but no CUDA device is available")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(env))
-    if env.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return env, device
-
-
-def cpu_threads(env: _Dist) -> int:
-    """Threads for this process's CPU math: the cores it may use shared among the processes
-    torchrun started on this machine. torch's default (every core in every process) makes
-    processes and data workers fight over the cores."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world))
-    return max(1, available_cores() // max(1, local))
-
-
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_176 + rank * 101) % (2**31)
-
-
-class Vocabulary:
-    """The shards' label phrases (``vocabulary.parquet`` from ``synseg-data pack``): what the
-    trainer encodes before the first step and where absent-category negatives come from."""
-
-    def __init__(self, shards_folder: str | Path) -> None:
-        path = Path(shards_folder) / VOCABULARY
-        self.phrases: list[str] = (
-            read_parquet(path, ["phrase"]).column("phrase").to_pylist() if path.exists() else []
-        )
-        self.position = {p: i for i, p in enumerate(self.phrases)}
-
-    def absent(self, labels: list[list[str]], k: int, rng: random.Random) -> list[str] | None:
-        """k phrases per image drawn from the vocabulary, none of them the image's own labels
-        (None if the vocabulary is too small for that)."""
-        picks: list[str] = []
-        n = len(self.phrases)
-        for ls in labels:
-            own = {self.position[p] for p in ls if p in self.position}
-            if n - len(own) < k:
-                return None
-            chosen: list[int] = []
-            while len(chosen) < k:
-                j = rng.randrange(n)
-                if j not in own and j not in chosen:
-                    chosen.append(j)
-            picks += [self.phrases[j] for j in chosen]
-        return picks
 
 
 def _compatible(saved: dict, cfg: TrainConfig) -> None:
     """A resumed run must train the same model on the same data with the same recipe."""
     now = cfg.to_dict()
     diffs = []
+    if saved.get("method", "synseg") != cfg.method:
+        diffs.append(f"method: {saved.get('method', 'synseg')!r} -> {cfg.method!r}")
     for group in ("model", "loss", "data", "optim"):
         for key, value in now[group].items():
             if group == "optim" and key in ("max_steps", "epochs"):
@@ -151,7 +90,7 @@ class _Plan:
     stream: dict | None = None  # the data stream's position saved with that checkpoint
 
 
-def _plan(cfg: TrainConfig, resume: bool, env: _Dist) -> _Plan:
+def _plan(cfg: TrainConfig, resume: bool, env: Ranks) -> _Plan:
     run = Path(cfg.run.output)
     shards = find_shards(cfg.data.shards)
     ckpt = None
@@ -172,19 +111,10 @@ def _plan(cfg: TrainConfig, resume: bool, env: _Dist) -> _Plan:
 def _build(cfg: TrainConfig, plan: _Plan, device: torch.device):
     """The model and its optimizer, at the checkpoint's state when resuming."""
     torch.manual_seed(cfg.run.seed)
-    model = SynSeg(cfg.model).to(device)
+    model = methods.trained(cfg.method).build(cfg.model).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = model.trainable_parameters()
-    if cfg.optim.name == "sgd":
-        opt = torch.optim.SGD(
-            params,
-            lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(model.trainable_parameters(), cfg.optim)
     if plan.checkpoint is not None:
         checkpoint.load_weights(model, plan.checkpoint)
         plan.start_step, plan.start_epoch = checkpoint.load_optimizer(opt, plan.checkpoint)
@@ -192,7 +122,7 @@ def _build(cfg: TrainConfig, plan: _Plan, device: torch.device):
     return model, opt
 
 
-def _wrap(model: SynSeg, cfg: TrainConfig, env: _Dist, device: torch.device):
+def _wrap(model, cfg: TrainConfig, env: Ranks, device: torch.device):
     """What the step calls: the model, under DDP with several processes, compiled if asked."""
     net = model
     if env.world > 1:
@@ -208,11 +138,14 @@ def _wrap(model: SynSeg, cfg: TrainConfig, env: _Dist, device: torch.device):
     return net
 
 
-def _label_cache(
-    cfg: TrainConfig, model: SynSeg, vocab: Vocabulary, env: _Dist, on_start=None, on_encode=None
-) -> LabelCache:
-    """The label embeddings of the whole vocabulary: the main process encodes what the cache
-    on disk lacks and saves it; the other processes then read it."""
+def _label_table(
+    cfg: TrainConfig, model, vocab: Vocabulary, env: Ranks, on_start=None, on_encode=None
+) -> LabelCache | None:
+    """The label embeddings of the whole vocabulary, for a method whose labels a frozen text
+    tower embeds (None for the others): the main process encodes what the cache on disk lacks
+    and saves it; the other processes then read it."""
+    if not methods.trained(cfg.method).label_embeddings:
+        return None
     folder = Path(cfg.run.text_cache or Path(cfg.run.output) / "text_cache")
     cache = None
     if env.main:
@@ -227,7 +160,7 @@ def _label_cache(
     return cache
 
 
-def _stream_start(plan: _Plan, cfg: TrainConfig, env: _Dist) -> tuple[int, int, dict | None]:
+def _stream_start(plan: _Plan, cfg: TrainConfig, env: Ranks) -> tuple[int, int, dict | None]:
     """(epoch, batch within it, the workers' saved positions) where training goes on."""
     epoch, taken = plan.start_epoch, plan.start_step - plan.start_epoch * plan.steps_per_epoch
     saved = plan.stream
@@ -252,11 +185,12 @@ class _Step:
     """One optimisation step with no host-device synchronisation: the loss terms stay on the
     device, and a non-finite loss is remembered there (its step) until the next log line."""
 
-    def __init__(self, cfg, model, net, opt, cache, vocab, env, device) -> None:
-        self.cfg, self.net, self.opt = cfg, net, opt
+    def __init__(self, cfg, model, net, opt, total, cache, vocab, env, device) -> None:
+        self.cfg, self.net, self.opt, self.total = cfg, net, opt, total
         self.cache, self.vocab, self.env, self.device = cache, vocab, env, device
+        self.method = methods.trained(cfg.method)
         self.params = model.trainable_parameters()
-        self.loss_fn = MCCLoss(cfg.loss)
+        self.loss_fn = self.method.objective(cfg.loss).to(device)
         use_bf16 = cfg.run.precision == "bf16" or (
             cfg.run.precision == "auto" and device.type == "cuda"
         )
@@ -267,48 +201,20 @@ class _Step:
         )
         self.nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
 
-    def _text(self, labels: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded label embeddings (B, N, d) and their mask (B, N), gathered on the device."""
-        n = max(len(ls) for ls in labels)
-        rows = torch.zeros(len(labels), n, dtype=torch.long)
-        mask = torch.zeros(len(labels), n, dtype=torch.bool)
-        flat = self.cache.indices([p for ls in labels for p in ls])
-        i = 0
-        for b, ls in enumerate(labels):
-            rows[b, : len(ls)] = flat[i : i + len(ls)]
-            mask[b, : len(ls)] = True
-            i += len(ls)
-        mask = mask.to(self.device, non_blocking=True)
-        table = self.cache.table_on(self.device)
-        text = table[rows.to(self.device, non_blocking=True)] * mask[..., None]
-        return text, mask
-
-    def _absent(self, labels, rng: random.Random) -> torch.Tensor | None:
-        k = self.cfg.data.absent
-        picks = self.vocab.absent(labels, k, rng) if k else None
-        if picks is None:
-            return None
-        rows = self.cache.indices(picks).to(self.device, non_blocking=True)
-        return self.cache.table_on(self.device)[rows].view(len(labels), k, -1)
-
     def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        torch.manual_seed(_step_seed(cfg.run.seed, step, self.env.rank))  # dropout draws
-        rng = random.Random(_step_seed(cfg.run.seed, step, self.env.rank))
+        seed = _step_seed(cfg.run.seed, step, self.env.rank)
+        torch.manual_seed(seed)  # dropout draws
+        rng = random.Random(seed)
         images = batch["images"].to(self.device, non_blocking=True)
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        text, mask = self._text(batch["labels"])
-        absent = self._absent(batch["labels"], rng)
+        ctx = StepContext(cfg, self.device, step, seed, rng, self.cache, self.vocab)
+        inputs = self.method.inputs(images, batch, ctx)
+        set_lr(self.opt, lr_at(step, self.total, cfg.optim))
         with self.autocast():
-            out = self.net(images, text, absent)
-        terms = self.loss_fn(
-            out.f.float(),
-            out.fbar.float(),
-            text,
-            mask,
-            None if out.absent_maps is None else out.absent_maps.float(),
-        )
+            out = self.net(**inputs.model)
+        terms = self.loss_fn(out, **inputs.loss)
         loss = terms["total"]
         first_bad = (self.nonfinite_at == 0) & ~torch.isfinite(loss)
         self.nonfinite_at = torch.where(first_bad, step, self.nonfinite_at)
@@ -345,7 +251,12 @@ def encode_labels(
 ) -> EncodeStats:
     """Encode every phrase of the shards' vocabulary into the run's label cache (the file a
     run with these settings reads), so training starts without encoding anything."""
-    _, device = _setup_distributed(cfg.run.device)
+    if not methods.trained(cfg.method).label_embeddings:
+        raise UserError(
+            f"{cfg.method} embeds no labels with a frozen text tower: there is nothing to encode "
+            "ahead of its runs"
+        )
+    _, device = distributed.setup(cfg.run.device)
     find_shards(cfg.data.shards)
     vocab = Vocabulary(cfg.data.shards)
     if not vocab.phrases:
@@ -354,9 +265,9 @@ def encode_labels(
             "run `synseg-data pack` again to write it"
         )
     torch.manual_seed(cfg.run.seed)
-    model = SynSeg(cfg.model).to(device)
+    model = methods.trained(cfg.method).build(cfg.model).to(device)
     t0 = time.time()
-    cache = _label_cache(cfg, model, vocab, _Dist(), on_start, on_encode)
+    cache = _label_table(cfg, model, vocab, Ranks(), on_start, on_encode)
     rate = cache.encoded / max(time.time() - t0, 1e-9)
     return EncodeStats(len(vocab.phrases), cache.encoded, str(cache.path), round(rate, 1))
 
@@ -371,7 +282,7 @@ def run_train(
     """Train (or resume) a run. ``on_step(step, total, loss, images/s)`` is called every step on
     the main process, with the loss terms on logged steps only (None between them: reading
     them would wait for the device); ``on_encode(n)`` as vocabulary phrases are encoded."""
-    env, device = _setup_distributed(cfg.run.device)
+    env, device = distributed.setup(cfg.run.device)
     try:
         plan = _plan(cfg, resume, env)
         model, opt = _build(cfg, plan, device)
@@ -394,9 +305,10 @@ def run_train(
                 f"data.absent draws negatives from {Path(cfg.data.shards) / VOCABULARY}, which "
                 "does not exist; run `synseg-data pack` again to write it"
             )
-        cache = _label_cache(cfg, model, vocab, env, on_encode_start, on_encode)
-        stats.phrases_encoded = cache.encoded
-        step_fn = _Step(cfg, model, _wrap(model, cfg, env, device), opt, cache, vocab, env, device)
+        cache = _label_table(cfg, model, vocab, env, on_encode_start, on_encode)
+        stats.phrases_encoded = cache.encoded if cache is not None else 0
+        net = _wrap(model, cfg, env, device)
+        step_fn = _Step(cfg, model, net, opt, plan.total, cache, vocab, env, device)
         _loop(cfg, plan, model, opt, step_fn, stats, env, on_step)
     finally:
         if env.world > 1 and dist.is_initialized():
@@ -415,7 +327,7 @@ def _read(terms: dict[str, torch.Tensor]) -> dict[str, float]:
 def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, on_step) -> None:
     """Epochs of batches from the stream, from where the plan starts to its last step."""
     run = Path(cfg.run.output)
-    metrics = _Metrics(run, plan.start_step, env.main, cfg.run.tensorboard)
+    metrics = MetricsLog(run, plan.start_step, env.main, cfg.run.tensorboard)
     stream = ShardStream(
         plan.shards,
         cfg.data.image_size,
@@ -478,25 +390,10 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
         metrics.close()
 
 
-def _check_ranks_agree(model, env: _Dist, step: int) -> None:
-    """Every rank must hold the same weights (DDP averages the gradients): compare a checksum
-    of the trainable weights before the main rank saves them for all."""
-    if env.world == 1:
-        return
-    total = torch.stack([p.detach().double().sum() for p in model.trainable_parameters()]).sum()
-    sums = [torch.zeros_like(total) for _ in range(env.world)]
-    dist.all_gather(sums, total)
-    if any(not torch.isclose(s, sums[0], rtol=1e-9, atol=1e-9) for s in sums):
-        raise RuntimeError(
-            f"ranks hold different weights at step {step} "
-            f"({', '.join(f'{s.item():.9g}' for s in sums)}): gradients are not synchronised"
-        )
-
-
 def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
     """A checkpoint of the main process, with every rank's stream positions in it."""
     path = ""
-    _check_ranks_agree(model, env, step)
+    distributed.check_ranks_agree(model.trainable_parameters(), env, step)
     mine = where["positions"]
     ranks = [mine]
     if env.world > 1:
@@ -510,75 +407,12 @@ def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
         "ranks": ranks,
     }
     if env.main:
-        cache.save()
-        path = str(
-            checkpoint.save(
-                run,
-                step,
-                model,
-                opt,
-                epoch,
-                cfg.to_dict(),
-                {
-                    "model": model.describe(),
-                    "label_cache": cache.identity(),
-                    "torch": torch.__version__,
-                },
-                stream,
-            )
-        )
+        extra = {"model": model.describe()}
+        if cache is not None:
+            cache.save()
+            extra["label_cache"] = cache.identity()
+        extra["torch"] = torch.__version__
+        path = str(checkpoint.save(run, step, model, opt, epoch, cfg.to_dict(), extra, stream))
     if env.world > 1:
         dist.barrier()
     return path
-
-
-class _Metrics:
-    """metrics.jsonl (and TensorBoard) on the main process; a resume drops lines past its step."""
-
-    def __init__(self, run: Path, start_step: int, main: bool, tensorboard: bool) -> None:
-        self.file = self.tb = None
-        if not main:
-            return
-        path = run / "metrics.jsonl"
-        if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= start_step
-            ]
-            with atomic_path(path) as tmp:  # a kill here must not lose the kept lines
-                tmp.write_text("".join(f"{line}\n" for line in kept))
-        self.file = path.open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "run.tensorboard needs the tensorboard package (pip install tensorboard)"
-                ) from None
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record["loss"].items():
-                self.tb.add_scalar(f"loss/{k}", v, record["step"])
-            self.tb.add_scalar("images_per_second", record["images_per_second"], record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[SynSeg, TrainConfig]:
-    """A trained model from a run folder or checkpoint folder, for evaluation or inference."""
-    ckpt = checkpoint.find(path)
-    cfg = from_dict(checkpoint.read_config(ckpt)["config"])
-    model = SynSeg(cfg.model)
-    checkpoint.load_weights(model, ckpt)
-    return model.to(device).eval(), cfg

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, read_record, write_record
 from pipeline.world import load_world
-from trainer.model.synseg import ModelConfig, SynSeg
+from trainer.methods.synseg.model import ModelConfig, SynSeg
 
 
 @dataclass

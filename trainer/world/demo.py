@@ -3,11 +3,13 @@
 1. data: world -> served on loopback -> download -> extract-nouns -> filter -> pack
 2. in-world CLIP pretraining of the tiny backbone on the captions (open_clip's ClipLoss)
 3. a CLIPSeg-style decoder on the world's ``ref`` split (masks), saved in CLIPSeg's layout
-4. SynSeg's MCCL training from that decoder, on the packed shards (captions only)
+4. SynSeg's MCCL training from that decoder, on the packed shards (captions only); ViL-Seg on
+   the same shards' captions, from the in-world CLIP and from scratch
 5. eval on the world's held-out masks (``tcl`` protocol), as mIoU on the seen classes (those
    ``ref`` has masks of), the unseen ones, all, and their harmonic mean: untrained decoder,
    CLIPSeg-style, MCCL and the loss ablation of the paper's Table 2, the paper's SGD, each
-   switch beyond the paper (every MCCL row over ``seeds`` seeds), and the training-free methods
+   switch beyond the paper, ViL-Seg and its untrained starts (every trained row over ``seeds``
+   seeds), and the training-free methods
 6. a report folder: Markdown with the table and every setting, loss curves, overlays and
    activation maps, the label histogram
 
@@ -38,7 +40,23 @@ SWEEP = {
     "straight-through clip": ["loss.straight_through=true"],
     "absent negatives (K=2)": ["data.absent=2", "loss.neg=1"],
 }
-SEED = 42  # the first MCCL seed (the paper's); the others follow it
+SEED = 42  # the first seed of a trained row (the paper's); the others follow it
+INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with
+VILSEG_CLIP_START = "ViL-Seg untrained (in-world CLIP, random clustering head)"
+VILSEG_RANDOM_START = "ViL-Seg untrained (random towers)"
+
+
+@dataclass(frozen=True)
+class TrainedRow:
+    """A row of the table trained over the seeds: which method, with which settings, compared
+    with which start."""
+
+    name: str
+    method: str
+    settings: tuple[str, ...]  # every setting of its runs but the seed and the folder
+    start: str
+    folder: str
+    differs: tuple[str, ...] = ()  # what sets it apart, for the report
 
 
 def split_scores(per_class: dict[str, float | None], unseen: set[str]) -> dict[str, float]:
@@ -120,8 +138,8 @@ class WorldDemoConfig:
     seeds: int = 3  # MCCL seeds per row (42, 43, ...)
     ablations: bool = True  # the Table 2 ablation (one MCCL row per left-out term)
     sweep: bool = True  # the paper's SGD and each switch beyond the paper
+    vilseg: bool = True  # ViL-Seg rows: from the in-world CLIP (at mccl_lr) and from scratch
     baselines: bool = True  # the training-free methods on the in-world CLIP
-    sweep: bool = True  # the other settings tried (learning rate, optimiser, label cap, switches)
     device: str = "auto"
     processes: int = 2
     overrides: list[str] = field(default_factory=list)  # extra settings for the MCCL runs
@@ -157,16 +175,42 @@ def _run_cached(name: str, cfg, on_stage) -> str:
 def run_world_demo(
     cfg: WorldDemoConfig, on_stage: Callable[[str, str], None] = lambda n, s: None
 ) -> DemoResult:
+    from trainer.world.report import write_report
+
+    t0 = time.time()
+    data, pre, init = _starts(cfg, on_stage)
+    rows = trained_rows(cfg, pre.output, init.output, str(data.shards))
+    trained = _train(cfg, rows, on_stage)
+    table = _score(cfg, data, pre.output, init.output, rows, trained, on_stage)
+    first = {r.name: trained[r.name][SEED] for r in rows}
+    movement = {
+        name: decoder_movement(first[name], init.output)
+        for name in ("MCCL (SynSeg)", f"MCCL, {PAPER_SGD}")
+        if name in first
+    }
+    write_report(
+        Path(cfg.report),
+        table,
+        cfg=asdict(cfg),
+        data=data,
+        pretrain=pre,
+        init=init,
+        runs=trained,
+        seconds=time.time() - t0,
+        variants={r.name: list(r.differs) for r in rows if r.differs},
+        movement=movement,
+    )
+    return DemoResult(table, time.time() - t0, str(cfg.report))
+
+
+def _starts(cfg: WorldDemoConfig, on_stage):
+    """The data chain, the in-world CLIP and the CLIPSeg-style decoder (each reused when done)."""
     from pipeline.demo import DemoConfig, run_demo
-    from pipeline.world import CLASSES, load_world
-    from trainer.eval.evaluate import EvalConfig, run_eval
-    from trainer.eval.methods import TRAINING_FREE
-    from trainer.train.config import resolve
+    from pipeline.world import CLASSES
     from trainer.world.clipseg_init import ClipSegInitConfig, run_clipseg_init
     from trainer.world.pretrain import PretrainConfig, run_pretrain
 
-    t0 = time.time()
-    runs, report = Path(cfg.runs), Path(cfg.report)
+    runs = Path(cfg.runs)
     data = DemoConfig(
         count=cfg.count,
         val_count=cfg.val_count,
@@ -176,7 +220,6 @@ def run_world_demo(
         image_size=64,
     )
     run_demo(data, on_stage=lambda name, stats: on_stage(f"data: {name}", _short(stats)))
-
     pre = run_pretrain(
         PretrainConfig(
             shards=str(data.shards), output=str(runs / "clip-tiny.pt"), steps=cfg.pretrain_steps
@@ -189,7 +232,6 @@ def run_world_demo(
         f"{pre.prompt_cosine_after:.2f}"
         + (" (reused)" if pre.reused else f", {pre.seconds:.0f} s"),
     )
-    backbone = [f"model.pretrained={pre.output}", "model.normalise=clip"]
     model_fields = {
         "arch": "synseg-tiny",
         "pretrained": pre.output,
@@ -211,38 +253,91 @@ def run_world_demo(
         f"BCE {init.loss_first:.3f} -> {init.loss_last:.3f}"
         + (" (reused)" if init.reused else f", {init.seconds:.0f} s"),
     )
+    return data, pre, init
 
-    common = [
-        *backbone,
-        f"model.decoder_init={init.output}",
-        f"data.shards={data.shards}",
+
+def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> list[TrainedRow]:
+    """Every trained row: MCCL from the CLIPSeg-style decoder (the paper's losses, the loss
+    ablation, the paper's SGD, each switch), then ViL-Seg from the in-world CLIP and from
+    scratch, each with the settings all its seeds share."""
+    shared = [
+        f"data.shards={shards}",
         f"optim.max_steps={cfg.mccl_steps}",
-        f"optim.lr={cfg.mccl_lr}",
         f"data.batch_size={cfg.batch_size}",
         f"run.device={cfg.device}",
         "run.log_every=5",
         "data.workers=1",  # decoding overlaps the step: about 10% faster on two cores
+    ]
+    mccl = [
+        f"model.pretrained={clip}",
+        "model.normalise=clip",
+        f"model.decoder_init={init}",
+        *shared,
+        f"optim.lr={cfg.mccl_lr}",
         *cfg.overrides,
     ]
-    seeds = [SEED + i for i in range(cfg.seeds)]
     variants = {**(ABLATIONS if cfg.ablations else {}), **(SWEEP if cfg.sweep else {})}
-    trained: dict[str, dict[int, str]] = {}  # row -> seed -> run folder
-    for name, settings in {"MCCL (SynSeg)": [], **variants}.items():
-        folder = "mccl" if not settings else f"mccl-{_slug(name)}"
-        row = name if not settings else f"MCCL, {name}"
-        trained[row] = {}
+    rows = [TrainedRow("MCCL (SynSeg)", "synseg", tuple(mccl), INIT, "mccl")]
+    rows += [
+        TrainedRow(
+            f"MCCL, {name}", "synseg", (*mccl, *extra), INIT, f"mccl-{_slug(name)}", tuple(extra)
+        )
+        for name, extra in variants.items()
+    ]
+    if cfg.vilseg:
+        rows += [
+            TrainedRow(
+                "ViL-Seg from the in-world CLIP",
+                "vilseg",
+                (f"model.pretrained={clip}", *shared, f"optim.lr={cfg.mccl_lr}"),
+                VILSEG_CLIP_START,
+                "vilseg-clip",
+                (
+                    "--method vilseg",
+                    "model.pretrained=<the in-world CLIP>",
+                    f"optim.lr={cfg.mccl_lr}",
+                ),
+            ),
+            TrainedRow(
+                "ViL-Seg from scratch (the paper's start)",
+                "vilseg",
+                tuple(shared),  # the preset's own lr: the paper's 5e-4
+                VILSEG_RANDOM_START,
+                "vilseg-scratch",
+                ("--method vilseg", "model.pretrained=null", "optim.lr=5e-4 (the paper's)"),
+            ),
+        ]
+    return rows
+
+
+def _train(cfg: WorldDemoConfig, rows: list[TrainedRow], on_stage) -> dict[str, dict[int, str]]:
+    """row name -> seed -> run folder, each run trained unless it is there, finished."""
+    from trainer.train.config import resolve
+
+    seeds = [SEED + i for i in range(cfg.seeds)]
+    trained: dict[str, dict[int, str]] = {}
+    for row in rows:
+        trained[row.name] = {}
+        label = row.name.removeprefix("MCCL, ")
         for seed in seeds:
-            out = runs / folder / f"seed-{seed}"
-            overrides = [*common, *settings, f"run.seed={seed}", f"run.output={out}"]
-            trained[row][seed] = _run_cached(
-                f"{name}, seed {seed}", resolve("tiny", overrides=overrides), on_stage
-            )
+            out = Path(cfg.runs) / row.folder / f"seed-{seed}"
+            overrides = [*row.settings, f"run.seed={seed}", f"run.output={out}"]
+            run_cfg = resolve("tiny", overrides=overrides, method=row.method)
+            trained[row.name][seed] = _run_cached(f"{label}, seed {seed}", run_cfg, on_stage)
+    return trained
 
-    evals = report / "eval"
+
+def _score(cfg, data, clip: str, init: str, rows, trained, on_stage) -> list[dict]:
+    """The table: every row scored on the world's val masks, mean and spread over seeds."""
+    from pipeline.world import load_world
+    from trainer import methods
+    from trainer.eval.evaluate import EvalConfig, run_eval
+
+    evals = Path(cfg.report) / "eval"
     unseen = set(load_world(data.world).get("unseen", ()))
-    rows = []
+    table: list[dict] = []
 
-    def score(name: str, runs_by_seed: dict, **kw) -> None:
+    def score(name: str, runs_by_seed: dict, start: str | None = None, **kw) -> None:
         per_seed = []
         for seed, extra in runs_by_seed.items():
             res = run_eval(
@@ -259,41 +354,29 @@ def run_world_demo(
             per_seed.append(
                 {"seed": seed, **split_scores(per_class, unseen), "per_class": per_class}
             )
-        rows.append(summarise(name, per_seed))
-        m = rows[-1]["mean"]
+        table.append({**summarise(name, per_seed), "start": start})
+        m = table[-1]["mean"]
         on_stage(
             f"eval: {name}",
             f"unseen {100 * m['unseen']:.1f}, seen {100 * m['seen']:.1f}, all {100 * m['all']:.1f}",
         )
 
-    score("untrained decoder", {None: {}}, overrides=tuple(backbone))
-    score("CLIPSeg-style init", {None: {}}, decoder_init=init.output, overrides=tuple(backbone))
-    for name, by_seed in trained.items():
-        score(name, {seed: {"checkpoint": run} for seed, run in by_seed.items()})
-    if cfg.baselines:
-        for method in TRAINING_FREE:
-            score(f"{method} (training-free)", {None: {}}, method=method, overrides=tuple(backbone))
-    movement = {
-        row: decoder_movement(by_seed[seeds[0]], init.output)
-        for row, by_seed in trained.items()
-        if row in ("MCCL (SynSeg)", f"MCCL, {PAPER_SGD}")
+    backbone = (f"model.pretrained={clip}", "model.normalise=clip")
+    score("untrained decoder", {None: {}}, overrides=backbone)
+    score(INIT, {None: {}}, decoder_init=init, overrides=backbone)
+    untrained = {  # ViL-Seg's starts, each scored before the first row trained from it
+        VILSEG_CLIP_START: {"method": "vilseg", "overrides": (f"model.pretrained={clip}",)},
+        VILSEG_RANDOM_START: {"method": "vilseg"},
     }
-
-    from trainer.world.report import write_report
-
-    write_report(
-        report,
-        rows,
-        cfg=asdict(cfg),
-        data=data,
-        pretrain=pre,
-        init=init,
-        runs=trained,
-        seconds=time.time() - t0,
-        variants=variants,
-        movement=movement,
-    )
-    return DemoResult(rows, time.time() - t0, str(report))
+    for row in rows:
+        if row.start in untrained:
+            score(row.start, {None: {}}, **untrained.pop(row.start))
+        runs = {seed: {"checkpoint": run} for seed, run in trained[row.name].items()}
+        score(row.name, runs, start=row.start)
+    if cfg.baselines:
+        for method in methods.names("training-free"):
+            score(f"{method} (training-free)", {None: {}}, method=method, overrides=backbone)
+    return table
 
 
 def _short(stats) -> str:

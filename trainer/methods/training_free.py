@@ -18,7 +18,8 @@ then go through ``ln_post`` and the projection, as CLIP's class token does, and 
 a class by the cosine between its token and the class's text embedding: each template's
 embedding L2-normalised, averaged over the templates and normalised again (the SCLIP family's
 text side). Images are normalised with CLIP's mean and std whatever the decoder was trained
-with. ``clipseg`` and ``synseg`` are not here: they are the decoder (``trainer.model.synseg``).
+with. ``DenseCLIP`` is their inference (``trainer.methods.base.Scorer``): cosine scores per patch,
+turned into probabilities by a softmax with the method's own temperature.
 """
 
 from __future__ import annotations
@@ -31,25 +32,9 @@ from pipeline.errors import UserError
 from trainer.model.backbone import NORMALISE
 
 TRAINING_FREE = ("maskclip", "sclip", "clearclip", "naclip")
-METHODS = ("synseg", "clipseg", *TRAINING_FREE)
 # Softmax temperature of the cosine scores, as each method's own evaluation sets it.
 LOGIT_SCALE = {"maskclip": 40.0, "sclip": 40.0, "clearclip": 50.0, "naclip": 40.0}
 NACLIP_STD = 5.0  # NACLIP's Gaussian width, in patches
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UserError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
-
-
-def check_weights(method: str, checkpoint: str | None, decoder_init: str | None) -> None:
-    """One line for a method that is unknown, or that the given weights cannot serve."""
-    check_method(method)
-    if method == "clipseg" and (checkpoint or not decoder_init):
-        raise UserError(
-            "--method clipseg scores CLIPSeg's own decoder: give --decoder-init "
-            "(CLIPSeg or Hugging Face weights) and no --checkpoint"
-        )
 
 
 def neighbourhood(grid: tuple[int, int], std: float, dtype, device) -> torch.Tensor:
@@ -105,11 +90,13 @@ class DenseCLIP(nn.Module):
     """A frozen open_clip backbone (``trainer.model.backbone.FrozenCLIP``) read densely by a
     training-free method: images in, per-patch cosine scores against class embeddings out."""
 
-    def __init__(self, backbone, method: str) -> None:
+    def __init__(self, backbone, method: str, logit_scale: float = 0.0) -> None:
         super().__init__()
         if method not in TRAINING_FREE:
             raise UserError(f"{method} is not one of the training-free methods {TRAINING_FREE}")
         self.backbone, self.method = backbone, method
+        self.patch_size = backbone.patch_size
+        self.scale = logit_scale or LOGIT_SCALE[method]
         mean, std = NORMALISE["clip"]
         # float64 constants, cast to the images' precision where used
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1))
@@ -142,3 +129,6 @@ class DenseCLIP(nn.Module):
         cos = (tokens @ text.to(tokens.dtype).T).transpose(1, 2)  # (B, names, hw)
         cos = cos.reshape(cos.shape[0], cos.shape[1], *grid)
         return F.interpolate(cos, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def probabilities(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.softmax(self.scale * scores, dim)

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
+from trainer.methods.synseg.losses import synergy
 from trainer.model.backbone import NORMALISE, FrozenCLIP
 from trainer.model.decoder import CLIPSegDecoder, DecoderConfig
-from trainer.model.losses import synergy
 
 PROJECTOR_INPUTS = ("conditioned", "visual")
 
@@ -102,6 +102,11 @@ class SynSeg(nn.Module):
 
     # ----------------------------------------------------------------- parts
 
+    @property
+    def native_size(self) -> int:
+        """The input size the image tower was made for (protocol sizes scale with it)."""
+        return self.backbone.train_size
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """FiLM + decoder + projector: everything but the frozen backbone."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
@@ -185,3 +190,25 @@ class SynSeg(nn.Module):
             "normalisation": self.normalisation,
             "decoder_format": self.decoder_format,
         }
+
+
+class DecoderScorer:
+    """SynSeg's inference (``trainer.methods.base.Scorer``): the decoder's logits for every
+    (window, class prompt) pair after one backbone pass per window; a class name's embedding is
+    the mean of its templates' embeddings, unnormalised, as FiLM was trained on; probabilities
+    are the logits' sigmoid."""
+
+    def __init__(self, model, chunk: int = 256) -> None:
+        self.model, self.chunk = model, chunk
+        self.mean, self.std = model.mean, model.std
+        self.patch_size = model.backbone.patch_size
+
+    def encode_classes(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        emb = self.model.backbone.encode_text([t.format(n) for n in names for t in templates])
+        return emb.view(len(names), len(templates), -1).mean(1)
+
+    def scores(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.model.segment(crops, text, self.chunk)
+
+    def probabilities(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.sigmoid(scores)
