@@ -447,3 +447,68 @@ def test_the_paper_preset_holds_the_papers_values():
     assert [cfg.loss.vision, cfg.loss.cross, cfg.loss.cluster] == paper["loss_weights"]
     assert cfg.data.batch_size * 8 == paper["batch_size_total"]  # per process, on 8 GPUs
     assert cfg.model.pretrained is None  # trained from scratch on CC12M
+
+
+def test_one_step_gives_every_trainable_weight_a_gradient(shards):
+    """DDP refuses a parameter that gets no gradient: every trainable one must get one."""
+    from trainer import methods
+    from trainer.methods.base import StepContext
+    from trainer.train.data import ShardStream, find_shards
+
+    cfg = resolve("vilseg-tiny", overrides=[f"data.shards={shards}", "data.batch_size=4"])
+    m = methods.trained("vilseg")
+    model = m.build(cfg.model).train()
+    stream = ShardStream(find_shards(shards), 64, 4, 4, 0, 10)
+    batch = next(iter(stream))
+    ctx = StepContext(cfg, torch.device("cpu"), 1, 7, __import__("random").Random(7))
+    inputs = m.inputs(batch["images"], batch, ctx)
+    m.objective(cfg.loss)(model(**inputs.model), **inputs.loss)["total"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert not model.towers.model.logit_scale.requires_grad  # CLIP's own, unused here
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_trains_vilseg_and_resumes(shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def torchrun(out, steps, *extra):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "trainer.cli",
+            "run",
+            "--method",
+            "vilseg",
+            "--preset",
+            "tiny",
+            "--shards",
+            str(shards),
+            "--output",
+            str(out),
+            "--steps",
+            str(steps),
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            "run.save_every=2",
+            *extra,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    torchrun(tmp_path / "whole", 4)
+    torchrun(tmp_path / "split", 2)
+    torchrun(tmp_path / "split", 4, "--resume")
+    a = load_file(str(tmp_path / "whole/checkpoints/step-0000004/model.safetensors"))
+    b = load_file(str(tmp_path / "split/checkpoints/step-0000004/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert [r["loss"] for r in whole] == [r["loss"] for r in split] and len(whole) == 4

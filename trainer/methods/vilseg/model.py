@@ -16,7 +16,8 @@ by the cosine between its cluster's region feature and the class's text embeddin
 cluster takes its best class under argmax. ``ClusterScorer`` gives these as dense scores, and
 their softmax with temperature 1/tau (the training temperature of L_cross) as probabilities.
 
-Everything trains, so a checkpoint holds every weight. Initialisation: random (``pretrained``
+Everything it uses trains (CLIP's own logit scale is frozen: ViL-Seg's tau is a setting), and a
+checkpoint holds every weight. Initialisation: random (``pretrained``
 None, the paper's), or from any CLIP that open_clip loads.
 """
 
@@ -78,6 +79,12 @@ class ViLSeg(nn.Module):
             raise UserError(
                 f"{cfg.arch} pools by attention; ViL-Seg needs a ViT with a class token"
             )
+        # CLIP's learnable logit scale (and bias) belong to its own loss; ViL-Seg's tau is a
+        # setting. Left trainable they would get no gradient, which DDP refuses.
+        for name in ("logit_scale", "logit_bias"):
+            unused = getattr(self.towers.model, name, None)
+            if isinstance(unused, nn.Parameter):
+                unused.requires_grad_(False)
         d = self.towers.embed_dim
         k = cfg.cluster_kernel
         self.cluster_head = nn.Conv2d(d, cfg.clusters, kernel_size=k, padding=k // 2)  # Phi_c
@@ -96,7 +103,7 @@ class ViLSeg(nn.Module):
         return self.towers.patch_size
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
+        return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self.state_dict()  # both towers train: a checkpoint holds every weight
