@@ -156,7 +156,9 @@ def build_model(
                 f"(leave --method out, or name a training-free method to run on its CLIP)"
             )
         return model, train_cfg, find(checkpoint), method or train_cfg.method
-    owner = methods.REGISTRY[method].model or method if kind in ("trained", "weights") else None
+    owner = None  # the trained method whose model to build (None: the preset's, SynSeg's)
+    if kind in ("trained", "weights"):
+        owner = methods.info(method).model or method
     extra = [f"model.decoder_init={decoder_init}"] if decoder_init else []
     train_cfg = resolve(preset, overrides=[*overrides, *extra], method=owner)
     torch.manual_seed(seed)

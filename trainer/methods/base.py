@@ -43,7 +43,7 @@ class StepContext:
     seed: int  # this step's seed on this rank (augmentations draw from it)
     rng: random.Random  # seeded with ``seed``
     labels: Any = None  # the label-embedding table (LabelCache) when label_embeddings
-    vocabulary: Any = None  # the shards' label phrases (trainer.train.loop.Vocabulary)
+    vocabulary: Any = None  # the shards' label phrases (trainer.train.data.Vocabulary)
 
 
 @dataclass

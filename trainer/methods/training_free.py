@@ -116,9 +116,7 @@ class DenseCLIP(nn.Module):
         stream, grid = self.backbone.before_last_block(x)
         visual = self.backbone.model.visual
         x = last_block(visual.transformer.resblocks[-1], stream, self.method, grid)
-        x = visual.ln_post(x)
-        if visual.proj is not None:
-            x = x @ visual.proj
+        x = self.backbone.project(x)  # ln_post, then the projection
         return F.normalize(x[:, 1:], dim=-1), grid
 
     @torch.no_grad()
