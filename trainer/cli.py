@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.console import err, handle_errors, summary
 from pipeline.errors import UserError
+from trainer.methods import names as method_names
 
 HELP = "Train open-vocabulary segmentation methods on packed shards and score them zero-shot."
 
@@ -45,8 +46,8 @@ MethodOpt = Annotated[
     str | None,
     typer.Option(
         help="What scores (`synseg-train methods`): default the checkpoint's own method (synseg "
-        "without one); clipseg (--decoder-init's weights); or a training-free method on the "
-        "same frozen CLIP: maskclip, sclip, clearclip, naclip"
+        f"without one); {', '.join(method_names('weights'))} (--decoder-init's weights); or a "
+        f"training-free method on the same frozen CLIP: {', '.join(method_names('training-free'))}"
     ),
 ]
 SetOpt = Annotated[
@@ -61,7 +62,7 @@ RunPresetOpt = Annotated[
 ]
 RunMethodOpt = Annotated[
     str | None,
-    typer.Option(help="Trained method: synseg (default) or vilseg (`synseg-train methods`)"),
+    typer.Option(help=f"Trained method: {', '.join(method_names('trained'))} (default synseg)"),
 ]
 ConfigFilesOpt = Annotated[
     list[Path], typer.Option(help="JSON file of settings (repeatable; later wins)")

@@ -23,7 +23,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer import methods
-from trainer.eval.datasets import Dataset, open_dataset
+from trainer.eval.datasets import Dataset, open_dataset, read_classnames
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
 from trainer.eval.metrics import IGNORE, IoUAccumulator
 from trainer.eval.protocols import geometry, get_protocol
@@ -176,20 +176,19 @@ def read_subset(name_or_path: str, dataset: str, classes: list[list[str]]) -> li
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUBSETS.glob("*.json")))
         raise UserError(f"class subset {name_or_path!r} not found (a file, or one of: {known})")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            table = json.loads(text)
-            if dataset not in table:
-                listed = ", ".join(k for k in table if not k.startswith("_"))
-                raise UserError(
-                    f"class subset {path.name} has no classes of {dataset} (it has {listed})"
-                )
-            names = table[dataset]
-        else:
-            names = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"class subset {path} cannot be read: {e}") from None
+    if path.suffix == ".json":
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"class subset {path} cannot be read: {e}") from None
+        if dataset not in table:
+            listed = ", ".join(k for k in table if not k.startswith("_"))
+            raise UserError(
+                f"class subset {path.name} has no classes of {dataset} (it has {listed})"
+            )
+        names = table[dataset]
+    else:  # a class file: every name on its lines
+        names = [n for line in read_classnames(path) for n in line]
     index = {n: i for i, syn in enumerate(classes) for n in syn}
     unknown = [n for n in names if n not in index]
     if unknown or not names:

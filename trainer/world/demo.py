@@ -285,6 +285,9 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
         for name, extra in variants.items()
     ]
     if cfg.vilseg:
+        from trainer.train.config import resolve
+
+        paper_lr = resolve("tiny", method="vilseg").optim.lr  # the paper's 5e-4 in the preset
         rows += [
             TrainedRow(
                 "ViL-Seg from the in-world CLIP",
@@ -301,10 +304,14 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
             TrainedRow(
                 "ViL-Seg from scratch (the paper's start)",
                 "vilseg",
-                tuple(shared),  # the preset's own lr: the paper's 5e-4
+                tuple(shared),  # the preset's own lr
                 VILSEG_RANDOM_START,
                 "vilseg-scratch",
-                ("--method vilseg", "model.pretrained=null", "optim.lr=5e-4 (the paper's)"),
+                (
+                    "--method vilseg",
+                    "model.pretrained=null",
+                    f"optim.lr={paper_lr:g} (the preset's)",
+                ),
             ),
         ]
     return rows

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import UserError
 from trainer.methods.vilseg.views import unflip
 
 LOSS_TERMS = ("vision", "cross", "cluster")
@@ -56,8 +57,6 @@ class LossConfig:
     eps: float = sys.float_info.epsilon  # IIC's floor on J and its marginals
 
     def __post_init__(self) -> None:
-        from pipeline.errors import UserError
-
         problems = []
         if not self.temperature > 0 or not self.vision_temp > 0 or not self.vision_target_temp > 0:
             problems.append("temperature, vision_temp and vision_target_temp must be positive")
