@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.console import err, handle_errors, out, print_result, progress, summary
+from pipeline.console import err, handle_errors, out, print_result, progress, run_app, summary
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -387,7 +387,7 @@ def demo(
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

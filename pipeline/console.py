@@ -39,13 +39,30 @@ def handle_errors(fn: Callable) -> Callable:
         except UserError as e:
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print(
-                "[yellow]interrupted[/yellow]: finished work is kept; run the same command again to go on"
-            )
+        except KeyboardInterrupt as e:
+            hint = getattr(e, "hint", "run the same command again to go on")
+            err.print(f"[yellow]interrupted[/yellow]: finished work is kept; {hint}")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def run_app(app: Callable[[], Any]) -> None:
+    """Run a Typer app as a console script: a UserError raised outside a command (while
+    torchrun starts it, say) is one line too, and a Ctrl-C that lands between the command's
+    end and the interpreter's exit leaves the exit code alone (the work is done)."""
+    import signal
+
+    try:
+        app()
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # outside a command (while the options are parsed)
+        err.print("[yellow]interrupted[/yellow]: run the same command again")
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _RateColumn(ProgressColumn):

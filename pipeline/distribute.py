@@ -59,11 +59,37 @@ def distribution(cfg) -> Distribution:
     return dist
 
 
+ANSWER_TIMEOUT = 5.0  # seconds a cluster's address gets to accept a connection
+
+
+def check_answers(address: str) -> None:
+    """One line if ``host:port`` (or ``ray://host:port``) does not accept a TCP connection
+    within ``ANSWER_TIMEOUT``: Ray itself retries such an address for minutes. ``auto`` (the
+    address Ray finds on this machine) is left to Ray."""
+    import socket
+
+    if address in ("", "auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--ray-address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT).close()
+    except OSError as e:
+        raise UserError(
+            f"Ray at {address} does not answer ({e.strerror or e}); is the cluster up "
+            "(`ray start --head`), and is this its address?"
+        ) from None
+
+
 def connect_ray(address: str = "") -> None:
-    """Join the cluster at ``address``, or start a local Ray on this machine's cores; a Ray
-    already initialised in this process (a test's, a notebook's) is used as it is."""
+    """Join the cluster at ``address`` (checked to answer first), or start a local Ray on this
+    machine's cores; a Ray already initialised in this process (a test's, a notebook's) is
+    used as it is."""
     import ray
 
+    check_answers(address)
     if ray.is_initialized():
         return
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}

@@ -132,21 +132,31 @@ def read_terms(path: Path) -> list[str]:
     return terms
 
 
+WHOLE = "="  # a term written "=side" drops the phrase "side" only
+
+
 class Matcher:
-    """Finds, for each phrase, the first exclusion term it contains."""
+    """Finds, for each phrase, the first exclusion term it contains.
+
+    A term written ``=word`` matches only a phrase that is exactly ``word``: the noun words
+    that are noise alone ("side" of "on the left side", "part", "up" of "close-up") but would
+    remove class names as substrings ("sidewalk", "cup")."""
 
     def __init__(self, terms: dict[str, str], match: str = "substring") -> None:
         """``terms`` maps each term to the name of the list it came from."""
         self.terms, self.word = terms, match == "word"
+        self.whole = {t[len(WHOLE) :]: t for t in terms if t.startswith(WHOLE)}
         self.automaton = ahocorasick.Automaton()
         for term in terms:
-            self.automaton.add_word(term, term)
+            if not term.startswith(WHOLE):
+                self.automaton.add_word(term, term)
         self.automaton.make_automaton()
 
     def first_terms(self, phrases: list[str]) -> list[str | None]:
-        """The first term (by end position) found in each phrase, or None."""
-        hits: list[str | None] = [None] * len(phrases)
-        if not phrases:
+        """The first term (by end position) found in each phrase, or None; a whole-phrase
+        term first."""
+        hits: list[str | None] = [self.whole.get(p) for p in phrases]
+        if not phrases or not len(self.automaton):
             return hits
         # One pass over all phrases joined by '\n': terms never hold a newline, so a match
         # never spans two phrases, and '\n' is a word boundary for whole-word matching.

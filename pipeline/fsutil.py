@@ -35,21 +35,22 @@ TMP_SUFFIX = ".tmp"  # every temporary name starts with "." and ends with this
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, keep_mode: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
     A crash or an exception leaves no partial file under the final name; a temporary file
-    left by a killed process is removed by ``clean_stale`` on the next run.
+    left by a killed process is removed by ``clean_stale`` on the next run. The file gets the
+    mode the umask gives (writers such as safetensors make theirs 0600, and shared storage
+    should stay readable), unless ``keep_mode``: a hard link, whose mode is its source's.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    # mkstemp makes the file 0600; give it the umask's mode, so outputs on shared storage
-    # stay readable by the group and others the umask allows.
-    os.fchmod(fd, file_mode())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if not keep_mode:
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

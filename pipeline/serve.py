@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,26 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.world import load_world
 
+# Connections the kernel queues while every handler thread is busy starting. The standard
+# library's 5 drops the SYNs of a 64-thread download, whose clients then time out.
+BACKLOG = 1024
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A client that closes its connection mid-reply (a timeout, a finished download) is
+        normal; anything else is still reported as the base class does."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 def free_port() -> int:
@@ -25,14 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_server(world: Path, port: int) -> http.server.ThreadingHTTPServer:
+def make_server(world: Path, port: int) -> _Server:
     load_world(world)  # a clear error if this is not a world
     handler = functools.partial(_QuietHandler, directory=str(Path(world) / "http"))
     try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        server = _Server(("127.0.0.1", port), handler)
     except OSError as e:
         raise UserError(f"cannot listen on 127.0.0.1:{port}: {e.strerror}") from None
-    server.daemon_threads = True
     return server
 
 

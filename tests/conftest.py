@@ -60,7 +60,7 @@ def raw(world, served, tmp_path_factory) -> Path:
             url_list=world / "cc12m.tsv",
             output=out,
             samples_per_shard=PER_SHARD,
-            threads=8,
+            threads=64,  # the default, so a server that queues too few connections loses URLs
             timeout=3,
             image_size=64,
         )

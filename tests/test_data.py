@@ -84,3 +84,33 @@ def test_label_cache_encodes_each_phrase_once(tmp_path):
     assert LabelCache(bb, "{}", tmp_path).index == {}  # another template: another cache
     other = FrozenCLIP("synseg-tiny", None, (1, 2, 3), init_seed=1)  # other weights: another id
     assert LabelCache(other, "a photo of a {}.", tmp_path).id != cache.id
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_an_encoding_stopped_midway_goes_on_from_what_it_saved(tmp_path, stop):
+    """Ctrl-C saves what is encoded; a crash or a kill (no handler runs) loses only what came
+    after the last periodic save. Run again, the cache equals an uninterrupted encoding's."""
+    bb = FrozenCLIP("synseg-tiny", None, (1, 2, 3))
+    phrases = [f"thing {i}" for i in range(10)]
+    real, calls = bb.encode_text, []
+
+    def failing(texts):
+        calls.append(len(texts))
+        if len(calls) == 4:
+            raise stop()
+        return real(texts)
+
+    bb.encode_text = failing
+    cache = LabelCache(bb, "a photo of a {}.", tmp_path / "c")
+    # periodic saves after every batch of 2 for a crash; none for Ctrl-C, which saves itself
+    every = 1e-9 if stop is RuntimeError else 0.0
+    with pytest.raises(stop):
+        cache.ensure(phrases, batch=2, save_every=every)
+    bb.encode_text = real
+    again = LabelCache(bb, "a photo of a {}.", tmp_path / "c")
+    assert list(again.index) == phrases[:6]  # three batches encoded before the fourth failed
+    assert again.ensure(phrases, batch=2) == 4
+    whole = LabelCache(bb, "a photo of a {}.", tmp_path / "w")
+    whole.ensure(phrases, batch=2)
+    assert list(again.index) == list(whole.index)
+    assert torch.equal(again.embed(phrases), whole.embed(phrases))

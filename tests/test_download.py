@@ -21,7 +21,7 @@ from pipeline.download import (
     uid_of,
 )
 from pipeline.errors import UserError
-from pipeline.serve import _QuietHandler, free_port
+from pipeline.serve import _QuietHandler, free_port, make_server
 from pipeline.world import load_world, write_url_list
 
 
@@ -48,6 +48,44 @@ def test_download_against_loopback(world, raw):
     # the uid and the caption travel with every sample
     table = pq.read_table(done_shards(raw)[0])
     assert {"uid", "caption", "status", "key"} <= set(table.column_names)
+
+
+def test_served_world_queues_a_64_thread_burst(world):
+    """64 connections opened before the server accepts any all complete their handshake at once:
+    a listen backlog of 5 leaves the rest waiting on SYN retries, which a download times out."""
+    import socket
+
+    server = make_server(world, free_port())  # listening, not yet accepting
+    socks = []
+    try:
+        for _ in range(64):
+            s = socket.socket()
+            s.settimeout(0.5)
+            s.connect(server.server_address)  # raises TimeoutError past the backlog
+            socks.append(s)
+        assert len(socks) == 64
+    finally:
+        for s in socks:
+            s.close()
+        server.server_close()
+
+
+def test_served_world_is_quiet_on_closed_connections(world, capsys):
+    server = make_server(world, free_port())
+    try:
+        for error in (BrokenPipeError(), ConnectionResetError()):
+            try:
+                raise error
+            except ConnectionError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a real fault")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "a real fault" in capsys.readouterr().err
+    finally:
+        server.server_close()
 
 
 def test_url_list_parsing(tmp_path):

@@ -81,7 +81,7 @@ def test_templates_and_settings_errors(tmp_path):
     assert read_templates("clip7")[0] == "itap of a {}."
     bad = tmp_path / "t.txt"
     bad.write_text("a photo\n")
-    with pytest.raises(UserError, match="needs \\{\\}"):
+    with pytest.raises(UserError, match="needs exactly one \\{\\}"):
         read_templates(str(bad))
     with pytest.raises(UserError, match="not found"):
         read_templates("nope")
@@ -127,7 +127,7 @@ def test_eval_on_the_world_from_the_command_line(world, checkpoint):
     assert result.exit_code == 0, result.output
     assert "world: mIoU" in result.stdout
     ckpt = checkpoint / "checkpoints" / "step-0000002"
-    record = json.loads((ckpt / "eval-world.json").read_text())
+    record = json.loads((ckpt / "eval-world-synseg-tcl-first6.json").read_text())
     assert record["images"] == 6 and len(record["per_class"]) == 20
     assert 0 <= record["mIoU"] <= 1
     s = record["settings"]
@@ -137,8 +137,46 @@ def test_eval_on_the_world_from_the_command_line(world, checkpoint):
     assert s["inference"]["synonyms"] is False and s["inference"]["pamr"] == "off"
     assert s["method"] == "synseg" and s["protocol"] == "tcl"
     assert s["templates_used"] == read_templates("tcl9") and s["normalisation"] == "clip"
-    md = (ckpt / "eval-world.md").read_text()
+    md = (ckpt / "eval-world-synseg-tcl-first6.md").read_text()
     assert "| grass |" in md and f"{100 * record['mIoU']:.1f}" in md
+
+
+def test_result_names_never_replace_another_evaluation(world, tmp_path):
+    """A method and a protocol of one name, a --limit, and settings the name does not hold
+    each keep their own file; the same evaluation again replaces its own."""
+    runner = CliRunner()
+
+    def run(*extra):
+        args = ["eval", "--dataset", "world", "--data-root", str(world), "--output"]
+        res = runner.invoke(app, [*args, str(tmp_path), "--mode", "whole", *extra])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    run()
+    run("--limit", "2")
+    run("--method", "sclip", "--limit", "2")
+    run("--protocol", "sclip", "--limit", "2")
+    run("--protocol", "sclip", "--limit", "2", "--pamr")
+    said = run("--limit", "2", "--templates", "single")
+    assert "eval-world-synseg-tcl-first2-2.json" in "".join(said.split())  # it says where
+    run("--limit", "2", "--templates", "single")  # the same again: replaces its own
+    names = sorted(p.stem for p in tmp_path.glob("eval-*.json"))
+    assert names == [
+        "eval-world",
+        "eval-world-sclip-tcl-first2",
+        "eval-world-synseg-sclip-first2",
+        "eval-world-synseg-sclip-pamr-first2",
+        "eval-world-synseg-tcl-first2",
+        "eval-world-synseg-tcl-first2-2",
+    ]
+    got = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in names}
+    assert got["eval-world"]["images"] == 12 and got["eval-world-synseg-tcl-first2"]["images"] == 2
+    assert got["eval-world-sclip-tcl-first2"]["settings"]["method"] == "sclip"
+    assert got["eval-world-synseg-sclip-first2"]["settings"]["protocol"] == "sclip"
+    assert got["eval-world-synseg-tcl-first2-2"]["settings"]["templates_used"] == [
+        "a photo of a {}."
+    ]
+    assert got["eval-world-synseg-tcl-first2"]["settings"]["templates_used"] != ["a photo of a {}."]
 
 
 def test_eval_of_an_untrained_model_and_errors(world, tmp_path):
@@ -164,7 +202,8 @@ def test_eval_of_an_untrained_model_and_errors(world, tmp_path):
         ],
     )
     assert ok.exit_code == 0, ok.output
-    settings = json.loads((tmp_path / "eval-world.json").read_text())["settings"]
+    settings = json.loads((tmp_path / "eval-world-synseg-tcl-first3.json").read_text())
+    settings = settings["settings"]
     assert settings["checkpoint"] is None and settings["model"]["init_seed"] == 3
     assert settings["normalisation"] == "imagenet"
     bad = runner.invoke(app, ["eval", "--dataset", "voc", "--data-root", str(world)])

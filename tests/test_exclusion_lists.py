@@ -50,3 +50,35 @@ def test_generic_list_catches_the_papers_examples():
         "inches",
     ]
     assert all(m.first_terms(examples))
+
+
+def test_whole_phrase_terms_drop_only_the_bare_phrase():
+    m = Matcher({"=side": "g", "=up": "g", "view": "g"})
+    phrases = ["side", "sidewalk", "left side", "up", "cup", "side view", "top"]
+    assert m.first_terms(phrases) == ["=side", None, None, "=up", None, "view", None]
+    word = Matcher({"=side": "g"}, match="word")
+    assert word.first_terms(["side", "side table"]) == ["=side", None]
+    assert Matcher({"=up": "g"}).first_terms(["up", "pick up"]) == ["=up", None]
+
+
+def test_the_worlds_caption_noise_leaves_no_label(labels):
+    """What the generic list keeps of the world's captions (real spaCy, the world's noise
+    prefixes and suffixes) are its class names, alone or after a colour, and CC12M's person
+    placeholder: no direction, view, unit or the bare nouns they leave ("side", "part")."""
+    from pipeline.fsutil import read_parquet
+    from pipeline.world import COLOURS
+
+    kept = {
+        label
+        for f in sorted(labels.glob("[0-9]*.parquet"))
+        for row in read_parquet(f, ["labels"])["labels"].to_pylist()
+        for label in row
+    }
+    names = {s for syn in SYNONYMS.values() for s in syn}
+
+    def a_class(label: str) -> bool:
+        words = label.split()
+        return label in names or (words[0] in COLOURS and " ".join(words[1:]) in names)
+
+    assert len(kept) > 20
+    assert sorted(x for x in kept if not a_class(x) and x != "person") == []

@@ -65,9 +65,11 @@ class Harness:
         kills: int = KILLS_PER_STAGE,
         jitter: float = 0.4,
         timeout: float = 240,
+        hint: Callable[[int], str] = lambda before: "run the same command again",
     ) -> list[tuple[int, str]]:
         """Start ``command()`` again and again until it exits 0; kill the first ``kills`` runs
-        once they have made progress. Returns (progress at its start, stdout) of every run."""
+        once they have made progress. Returns (progress at its start, stdout) of every run.
+        An interrupted run's last line says how to go on: ``hint(progress at its start)``."""
         outputs = []
         for attempt in range(kills + 6):
             before = progress()
@@ -107,6 +109,7 @@ class Harness:
                     # One line that says how to go on, and the exit code of an interrupt.
                     assert proc.returncode == 130, err[-2000:]
                     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+                    assert hint(before) in " ".join(err.split()), err[-2000:]
             if proc.returncode == 0:
                 return outputs
             if event is None:
@@ -271,7 +274,14 @@ def test_kill_every_stage_and_rerun(big_world, tmp_path):
         f = run / "checkpoints" / "latest"
         return int(f.read_text().strip().split("-")[1]) if f.exists() else 0
 
-    runs = h.run_until_done("train", train, latest, steps)
+    def how_to_go_on(before: int) -> str:
+        """A run started without --resume (no checkpoint then) that saved one before the
+        interrupt needs --resume now; any other goes on as it was started."""
+        if before == 0 and (run / "checkpoints" / "latest").exists():
+            return "run the same command with --resume to go on"
+        return "run the same command again to go on"
+
+    runs = h.run_until_done("train", train, latest, steps, hint=how_to_go_on)
     # The run that finished resumed at the latest checkpoint the killed runs left.
     before, out = runs[-1]
     start = re.search(r"start_step\D+(\d+)", out)
@@ -285,5 +295,135 @@ def test_kill_every_stage_and_rerun(big_world, tmp_path):
     mid = [e for e in h.events if 0 < e["done"] < e["of"]]
     assert kills >= 10 and len(mid) >= 8, h.events
     print(f"\nkill harness: {kills} kills, {len(mid)} mid-stage")
+    for e in h.events:
+        print(f"  {e['stage']:14s} {e['signal']:8s} at {e['done']}/{e['of']}  exit {e['rc']}")
+
+
+def _fake_ade(root: Path, n: int) -> None:
+    """``n`` small ADE20K-layout validation pairs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images/validation", "annotations/validation"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        stem = f"ADE_val_{i:08d}"
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+            root / "images/validation" / f"{stem}.jpg"
+        )
+        Image.fromarray(rng.integers(0, 151, (24, 32), dtype=np.uint8)).save(
+            root / "annotations/validation" / f"{stem}.png"
+        )
+
+
+def _cache_phrases(folder: Path) -> Callable[[], int]:
+    def count() -> int:
+        metas = list(folder.glob("*.json")) if folder.is_dir() else []
+        return len(json.loads(metas[0].read_text())["phrases"]) if metas else 0
+
+    return count
+
+
+def test_kill_prepare_encode_labels_and_eval_and_rerun(shards, world, tmp_path):
+    """prepare, encode-labels and eval, killed and interrupted mid-way and run again: each
+    output equals an uninterrupted run's, and no result or temporary is half-written."""
+    from safetensors.torch import load_file
+
+    from trainer.eval.evaluate import EvalConfig, run_eval
+    from trainer.eval.prepare import PrepareConfig, run_prepare
+
+    py, h = sys.executable, Harness(seed=11)
+    # prepare: the label maps written so far are the progress
+    src, out = tmp_path / "ADEChallengeData2016", tmp_path / "ade"
+    _fake_ade(src, 400)
+    ref = run_prepare(PrepareConfig("ade", str(src), str(tmp_path / "ade-ref")))
+    cmd = [py, "-m", "trainer.cli", "prepare", "ade", "--source", str(src), "--output", str(out)]
+    cmd += ["--processes", "1"]
+    h.run_until_done(
+        "prepare", lambda: cmd, _count(out, "annotations/validation/*.png"), 400, jitter=0.3
+    )
+    got = json.loads((out / "prepare-ade.json").read_text())
+    assert got["label_sha256"] == ref.label_sha256 and got["images"] == 400
+    for f in sorted((tmp_path / "ade-ref").rglob("*.*")):
+        if not f.name.startswith("prepare-"):
+            assert (out / f.relative_to(tmp_path / "ade-ref")).read_bytes() == f.read_bytes()
+
+    # encode-labels on a vocabulary of 2,000 phrases: what it has saved is the progress
+    import shutil
+
+    import pyarrow as pa
+
+    big = tmp_path / "shards"
+    shutil.copytree(shards, big)
+    things = ["kite", "house", "tree", "car", "fish", "boat", "wall", "road", "star", "ball"]
+    adjectives = ("red", "tall", "old", "wet")
+    words = [f"{a} {n} {t}" for a in adjectives for n in range(50) for t in things]
+    table = pa.table({"phrase": words, "images": [1] * len(words)})
+    pq.write_table(table, big / "vocabulary.parquet")
+    vocab_run = tmp_path / "enc"
+
+    def encode(output: Path) -> list[str]:
+        cmd = [py, "-m", "trainer.cli", "encode-labels", "--preset", "tiny", "--shards", str(big)]
+        cmd += ["--output", str(output), "--device", "cpu", "--set", "run.encode_batch=4"]
+        return [*cmd, "--set", "run.encode_save_every=0.05"]
+
+    h.run_until_done(
+        "encode-labels",
+        lambda: encode(vocab_run),
+        _cache_phrases(vocab_run / "text_cache"),
+        len(words),
+        jitter=1.0,
+    )
+    subprocess.run(
+        encode(tmp_path / "enc-ref"), cwd=ROOT, env=_env(), check=True, capture_output=True
+    )
+    a, b = (sorted((r / "text_cache").glob("*.json")) for r in (vocab_run, tmp_path / "enc-ref"))
+    assert [x.name for x in a] == [x.name for x in b]
+    pa_, pb = (json.loads(x[0].read_text())["phrases"] for x in (a, b))
+    ta, tb = (load_file(str(x[0].with_suffix(".safetensors")))["embeddings"] for x in (a, b))
+    order = {p: i for i, p in enumerate(pb)}
+    assert sorted(pa_) == sorted(pb) and len(pa_) == len(set(pa_))
+    assert all((ta[i] == tb[order[p]]).all() for i, p in enumerate(pa_))
+
+    # eval: nothing is written before the end, so a kill at a random time leaves nothing
+    ev = tmp_path / "ev"
+    eval_cmd = [
+        py,
+        "-m",
+        "trainer.cli",
+        "eval",
+        "--dataset",
+        "world",
+        "--data-root",
+        str(world),
+        "--output",
+        str(ev),
+        "--mode",
+        "whole",
+    ]
+    for delay in (1.0, 3.0):
+        proc = subprocess.Popen(
+            eval_cmd,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not list(ev.glob("eval-*.json")) or proc.returncode == 0
+    subprocess.run(eval_cmd, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    run_eval(EvalConfig("world", str(world), output=str(tmp_path / "ev-ref"), mode="whole"))
+    got, want = (json.loads((f / "eval-world.json").read_text()) for f in (ev, tmp_path / "ev-ref"))
+    for r in (got, want):
+        r.pop("images_per_second")
+        r["settings"].pop("output")
+    assert got == want
+    assert not _temporaries(out, vocab_run, ev), "no temporary file left behind"
+    print(f"\nkill harness: {len(h.events)} kills")
     for e in h.events:
         print(f"  {e['stage']:14s} {e['signal']:8s} at {e['done']}/{e['of']}  exit {e['rc']}")

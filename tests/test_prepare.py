@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.errors import UserError
 from tests.test_classnames import REFERENCE, same_class
 from trainer.cli import app
 from trainer.eval.datasets import open_dataset
@@ -20,6 +21,7 @@ from trainer.eval.prepare import (
     CITY_TRAIN_IDS,
     COCO_USED,
     CONTEXT_KEPT,
+    STUFF_LUT,
     PrepareConfig,
     decode_rle,
     run_prepare,
@@ -330,3 +332,164 @@ def test_ade_is_copied_into_place(tmp_path):
     out = tmp_path / "ade"
     assert run_prepare(PrepareConfig("ade", str(src), str(out))).images == 2
     assert _perfect_miou("ade", out) == 1.0
+
+
+# --------------------------------------------------------------------------- sources that lie
+
+
+def _context_source(tmp_path: Path, image: dict, segment: dict | None = None) -> Path:
+    src = tmp_path / "VOCdevkit"
+    _jpeg(src / "VOC2010/JPEGImages/2008_000002.jpg", 8, 10)
+    mask = np.zeros((8, 10), bool)
+    mask[:3, :4] = True
+    seg = {"id": 1, "image_id": 1, "category_id": CONTEXT_KEPT[3], "segmentation": rle(mask, True)}
+    im = {"image_id": 1, "file_name": "2008_000002.jpg", "height": 8, "width": 10, "phase": "val"}
+    im, seg = {**im, **image}, {**seg, **(segment or {})}
+    for entry in (im, seg):
+        for key in [k for k, v in entry.items() if v is DROP]:
+            del entry[key]
+    (src / "trainval_merged.json").write_text(
+        json.dumps({"images": [im], "annos_segmentation": [seg]})
+    )
+    return src
+
+
+DROP = object()  # a key the annotation lacks
+
+
+@pytest.mark.parametrize(
+    "image, segment, message",
+    [
+        ({"file_name": "/etc/hostname"}, None, "is not a file name in"),
+        ({"file_name": "../../outside.jpg"}, None, "is not a file name in"),
+        ({"file_name": "sub/2008_000002.jpg"}, None, "is not a file name in"),
+        ({"height": DROP}, None, "is not one of Pascal Context's"),
+        ({"width": "wide"}, None, "is not one of Pascal Context's"),
+        ({}, {"segmentation": DROP}, "is not one of Pascal Context's"),
+        ({}, {"segmentation": [[1, 2, 3, 4]]}, "is not one of Pascal Context's"),
+        ({}, {"category_id": "sky"}, "is not one of Pascal Context's"),
+        ({"height": 9}, None, "cannot read the labels"),  # masks of another size
+    ],
+)
+def test_context_annotations_that_lie_are_refused(tmp_path, image, segment, message):
+    src = _context_source(tmp_path, image, segment)
+    (tmp_path / "outside.jpg").write_bytes(b"x")  # there, so only the name can refuse it
+    result = CliRunner().invoke(
+        app, ["prepare", "context", "--source", str(src), "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out/prepare-context.json").exists()
+    assert not (tmp_path / "out/JPEGImages/hostname").exists()
+
+
+def test_context_in_order_gives_its_labels(tmp_path):
+    """The fake above, unchanged, is accepted (so each refusal is its one change's)."""
+    src = _context_source(tmp_path, {})
+    stats = run_prepare(PrepareConfig("context", str(src), str(tmp_path / "out")))
+    got = np.asarray(Image.open(tmp_path / "out/SegmentationClassContext/2008_000002.png"))
+    assert stats.images == 1 and (got[:3, :4] == 3).all() and (got[3:] == 0).all()
+
+
+def _ade(src: Path, n: int = 2, shape=(10, 12)) -> None:
+    for k in range(n):
+        stem = f"ADE_val_0000000{k + 1}"
+        _jpeg(src / "images/validation" / f"{stem}.jpg", 10, 12, k)
+        _png(src / "annotations/validation" / f"{stem}.png", np.ones(shape, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda src: _ade(src, shape=(10, 13)), "is 13 x 10, its image 12 x 10"),
+        (
+            lambda src: Image.fromarray(np.ones((10, 12), np.uint16) * 300).save(
+                src / "annotations/validation/ADE_val_00000001.png"
+            ),
+            "not an 8-bit label map",
+        ),
+        (
+            lambda src: (src / "annotations/validation/ADE_val_00000002.png").unlink(),
+            "1 of 2 images have no *.png label map",
+        ),
+    ],
+)
+def test_label_maps_that_do_not_fit_their_images_are_refused(tmp_path, spoil, message):
+    src = tmp_path / "ADEChallengeData2016"
+    _ade(src)
+    spoil(src)
+    result = CliRunner().invoke(
+        app, ["prepare", "ade", "--source", str(src), "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out/prepare-ade.json").exists()
+
+
+def test_a_root_under_another_name_is_found_and_a_wrong_one_named(tmp_path):
+    src = tmp_path / "my-ade-copy"  # ADE's layout, not its folder name
+    _ade(src)
+    assert run_prepare(PrepareConfig("ade", str(src), str(tmp_path / "out"))).images == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"neither .*empty/ADEChallengeData2016 nor .*empty holds"):
+        run_prepare(PrepareConfig("ade", str(tmp_path / "empty"), str(tmp_path / "o2")))
+
+
+def test_outputs_get_the_umask_mode_whatever_the_source_mode(tmp_path):
+    """A hard link shares its source's mode, so a source without the umask's mode is copied."""
+    import os
+    import stat
+
+    src = tmp_path / "ADEChallengeData2016"
+    _ade(src)
+    for f in src.rglob("*.*"):
+        f.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        run_prepare(PrepareConfig("ade", str(src), str(tmp_path / "out")))
+    finally:
+        os.umask(old)
+    written = sorted((tmp_path / "out").rglob("*.*"))
+    assert len(written) == 6  # two images, two label maps, the manifest, the sources record
+    assert {stat.S_IMODE(f.stat().st_mode) for f in written} == {0o644}
+    assert {stat.S_IMODE(f.stat().st_mode) for f in src.rglob("*.*")} == {0o600}
+
+
+def test_prepare_refuses_an_output_it_does_not_own_and_an_empty_split(tmp_path):
+    src = tmp_path / "ADEChallengeData2016"
+    _ade(src)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.pdf").write_text("x")
+    with pytest.raises(UserError, match=r"holds files prepare did not write \(thesis.pdf\)"):
+        run_prepare(PrepareConfig("ade", str(src), str(busy)))
+    assert sorted(p.name for p in busy.iterdir()) == ["thesis.pdf"]
+    with pytest.raises(UserError, match="is inside --source"):
+        run_prepare(PrepareConfig("ade", str(src), str(src / "out")))
+    assert not (src / "out").exists()
+    # its own earlier output is fine
+    run_prepare(PrepareConfig("ade", str(src), str(tmp_path / "out")))
+    assert run_prepare(PrepareConfig("ade", str(src), str(tmp_path / "out"))).images == 2
+    voc = tmp_path / "VOCdevkit"
+    _voc(voc, ["2007_000033"])
+    (voc / "VOC2012/ImageSets/Segmentation/val.txt").write_text("\n")
+    with pytest.raises(UserError, match="lists no val images"):
+        run_prepare(PrepareConfig("voc", str(voc), str(tmp_path / "v")))
+
+
+def test_a_rerun_remakes_what_a_changed_source_would_give(tmp_path):
+    src, out = tmp_path / "stuffthingmaps", tmp_path / "stuff"
+    for n, stem in enumerate(["000000000139", "000000000285"]):
+        _jpeg(src / "images/val2017" / f"{stem}.jpg", 6, 8, n)
+        _png(src / "annotations/val2017" / f"{stem}.png", np.zeros((6, 8), np.uint8))
+    first = run_prepare(PrepareConfig("stuff", str(src), str(out)))
+    label = out / "annotations/val2017/000000000285_labelTrainIds.png"
+    kept = out / "annotations/val2017/000000000139_labelTrainIds.png"
+    kept_inode = kept.stat().st_ino
+    assert (np.asarray(Image.open(label)) == 0).all()
+    _png(src / "annotations/val2017/000000000285.png", np.full((6, 8), 91, np.uint8))  # sky
+    again = run_prepare(PrepareConfig("stuff", str(src), str(out)))
+    # made again from the new map (the converter's table is tested above; here only its use)
+    assert STUFF_LUT[91] != 0 and (np.asarray(Image.open(label)) == STUFF_LUT[91]).all()
+    assert kept.stat().st_ino == kept_inode  # the unchanged one is not rewritten
+    assert again.label_sha256 != first.label_sha256

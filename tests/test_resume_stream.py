@@ -86,12 +86,21 @@ def test_resume_with_two_loader_workers_is_exact(shards, tmp_path):
     saved = json.loads((tmp_path / "split/checkpoints/step-0000003/stream.json").read_text())
     assert saved["batches"] == 3 and set(saved["ranks"][0]) == {"0", "1"}
     shutil.copytree(tmp_path / "split", tmp_path / "replay")
+    shutil.copytree(tmp_path / "split", tmp_path / "fewer")
     (tmp_path / "replay/checkpoints/step-0000003/stream.json").unlink()
     for name in ("split", "replay"):
         resumed = run_train(tiny(shards, tmp_path / name, "optim.max_steps=8", *extra), resume=True)
         assert resumed.start_step == 3 and resumed.steps == 8
+        assert resumed.replayed == (3 if name == "replay" else 0)
         assert [r["loss"] for r in losses(tmp_path / name)] == [
             r["loss"] for r in losses(tmp_path / "straight")
         ], name
         for k, v in weights(tmp_path / "straight", 8).items():
             assert torch.equal(weights(tmp_path / name, 8)[k], v), (name, k)
+    # another worker count (another machine): resumed by replaying the epoch, and said so
+    other = [e for e in extra if not e.startswith("data.workers")]
+    fewer = run_train(
+        tiny(shards, tmp_path / "fewer", "optim.max_steps=8", "data.workers=0", *other),
+        resume=True,
+    )
+    assert fewer.start_step == 3 and fewer.steps == 8 and fewer.replayed == 3

@@ -251,6 +251,32 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == mode
 
 
+def test_checkpoints_and_safetensors_honour_the_umask(tmp_path):
+    """safetensors writes its files 0600 whatever the umask: a checkpoint's weights and the
+    label cache get the umask's mode all the same."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.fsutil import atomic_path
+    from trainer.train.checkpoint import save
+
+    class Tiny(torch.nn.Linear):
+        def trainable_state_dict(self):
+            return self.state_dict()
+
+    model = Tiny(2, 2)
+    old = os.umask(0o022)
+    try:
+        folder = save(tmp_path, 1, model, torch.optim.SGD(model.parameters(), 0.1), 0, {}, {})
+        with atomic_path(tmp_path / "cache.safetensors") as t:
+            save_file({"x": torch.zeros(2)}, str(t))
+    finally:
+        os.umask(old)
+    files = [*folder.iterdir(), tmp_path / "cache.safetensors", tmp_path / "checkpoints/latest"]
+    assert "model.safetensors" in {f.name for f in files}
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o644 for f in files}
+
+
 # --------------------------------------------------------------------------- download and serve
 
 
@@ -333,3 +359,30 @@ def test_download_names_itself_and_honours_x_robots_tag(tmp_path):
     assert by_status[0][0].startswith("failed") and "X-Robots-Tag" in by_status[0][1]
     assert by_status[1][0] == "success"
     assert _RobotsHandler.agents and all("img2dataset" in a for a in _RobotsHandler.agents)
+
+
+@pytest.mark.parametrize(
+    "address, needle",
+    [
+        ("127.0.0.1:1", "Ray at 127.0.0.1:1 does not answer"),
+        ("ray://127.0.0.1:1", "Ray at ray://127.0.0.1:1 does not answer"),
+        ("somewhere", "is not host:port, ray://host:port or auto"),
+    ],
+)
+def test_a_ray_address_that_does_not_answer_is_one_line_not_a_hang(raw, tmp_path, address, needle):
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract-nouns",
+            "--raw",
+            str(raw),
+            "--output",
+            str(tmp_path / "n"),
+            "--distributor",
+            "ray",
+            "--ray-address",
+            address,
+        ],
+    )
+    one_error_line(result, needle)
+    assert not (tmp_path / "n").exists() or not list((tmp_path / "n").glob("*.parquet"))

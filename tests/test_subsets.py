@@ -80,7 +80,7 @@ def test_gzsl_scores_the_subset_of_the_full_prediction(world, tmp_path):
     area = areas(world, s["classes"], 6)
     right = sum(full.per_class[n]["Acc"] * area[n] for n in s["classes"] if area[n])
     assert s["pixel_accuracy"] == pytest.approx(right / sum(area.values()), abs=1e-12)
-    assert (tmp_path / "eval-world-two.json").is_file()
+    assert (tmp_path / "eval-world-synseg-tcl-two-first6.json").is_file()
 
 
 def fake_voc(root: Path) -> Path:
@@ -151,7 +151,7 @@ def test_zsl_predicts_only_the_subset_and_ignores_other_pixels(world, tmp_path, 
     iou = inter[union > 0] / union[union > 0]
     assert res.subset["mIoU"] == pytest.approx(iou.mean(), abs=1e-12) == pytest.approx(res.mIoU)
     assert res.subset["pixel_accuracy"] == pytest.approx(inter.sum() / label_area.sum())
-    assert (tmp_path / f"eval-{dataset}-two-zsl.json").is_file()
+    assert (tmp_path / f"eval-{dataset}-synseg-tcl-two-zsl-first6.json").is_file()
 
 
 def test_eval_prints_the_subsets_scores(world, tmp_path):

@@ -346,7 +346,7 @@ def test_eval_and_segment_take_the_method_from_the_run(vilseg_run, world, tmp_pa
         app, ["eval", "--dataset", "world", "--data-root", str(world), "--checkpoint", str(out)]
     )
     assert res.exit_code == 0, res.output
-    record = json.loads((out / "checkpoints/step-0000006/eval-world-vilseg.json").read_text())
+    record = json.loads((out / "checkpoints/step-0000006/eval-world.json").read_text())
     assert record["settings"]["method"] == "vilseg" and 0 <= record["mIoU"] <= 1
     assert "world, vilseg, tcl" in " ".join(res.output.split())
     bad = runner.invoke(

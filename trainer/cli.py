@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.console import err, handle_errors, summary
-from pipeline.errors import UserError
+from pipeline.console import err, handle_errors, run_app, summary
+from pipeline.errors import Interrupted, UserError
 from trainer.methods import names as method_names
 
 HELP = "Train open-vocabulary segmentation methods on packed shards and score them zero-shot."
@@ -158,10 +158,21 @@ def run(
                 on_encode=on_encode,
                 on_encode_start=on_encode_start,
             )
+        except KeyboardInterrupt:
+            bar.update(task, visible=False)
+            if resume or not (Path(cfg.run.output) / "checkpoints" / "latest").exists():
+                raise  # the same command again goes on (or starts again: nothing was saved)
+            raise Interrupted("run the same command with --resume to go on") from None
         except BaseException:
             bar.update(task, visible=False)  # the error line says enough
             raise
     if main:
+        if stats.replayed:
+            err.print(
+                f"note: the checkpoint's data stream position is for another number of "
+                f"processes or data workers (or it has none): the epoch was read again up to "
+                f"batch {stats.replayed}, so the rest of it differs from an uninterrupted run's"
+            )
         if stats.steps == stats.start_step:
             err.print(
                 f"nothing to train: the run is at step {stats.start_step} of "
@@ -374,13 +385,16 @@ def segment(
     from trainer import methods
     from trainer.eval.evaluate import build_model, check_weights, resolve_device
     from trainer.eval.infer import InferConfig, Segmenter, read_templates
-    from trainer.eval.visualize import write_pictures
+    from trainer.eval.visualize import picture_names, safe_name, write_pictures
 
     if method is not None:
         check_weights(method, checkpoint, decoder_init)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if not names:
         raise UserError("--classes needs at least one class name")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--classes names {', '.join(map(repr, twice))} more than once")
     if not 0 <= threshold <= 1:
         raise UserError("--threshold must be in [0, 1]")
     loaded = []
@@ -398,6 +412,9 @@ def segment(
     )
     scorer = methods.scorer(method, model, train_cfg, infer)
     seg = Segmenter(scorer, [[n] for n in names], read_templates(templates), infer)
+    for name, part in zip(names, picture_names(names), strict=True):
+        if part != safe_name(name):  # numbered apart from another class's (or the overlay's)
+            out.print(f"class {name!r}: its maps are named <image>_{part}.png")
     for path, img, stem in zip(images, loaded, picture_stems(images), strict=True):
         _, act = seg.predict(img, (img.height, img.width))
         written = write_pictures(img, act.cpu().numpy(), names, threshold, output, stem)
@@ -511,11 +528,7 @@ def demo(
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:  # raised outside a command (e.g. while torchrun starts us)
-        err.print(f"[red]error:[/red] {e}")
-        raise SystemExit(1) from None
+    run_app(app)
 
 
 if __name__ == "__main__":

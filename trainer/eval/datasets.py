@@ -173,6 +173,14 @@ def read_classnames(path: Path) -> list[list[str]]:
             classes.append(names)
     if not classes:
         raise UserError(f"class file {path} lists no classes")
+    line_of: dict[str, int] = {}
+    for i, names in enumerate(classes):
+        for n in names:
+            if line_of.setdefault(n, i) != i:  # one name, two label values: one would be lost
+                first = classes[line_of[n]][0]
+                raise UserError(
+                    f"class file {path}: {n!r} names two classes ({first!r} and {names[0]!r})"
+                )
     return classes
 
 

@@ -3,8 +3,9 @@
 The method is the run's (``trainer.methods``), or one named by ``method``: a training-free
 method on the run's frozen CLIP, or an untrained model of a preset. The result, with every
 setting that produced it, goes to ``eval-<dataset>.json`` and ``eval-<dataset>.md`` beside
-the checkpoint (``--output`` for an untrained model); another method, protocol or PAMR adds to
-the name (``eval-voc-naclip-sclip-pamr.json``). ``subset`` also scores a subset of the classes
+the checkpoint (``--output`` for an untrained model); another method, protocol, PAMR, subset or
+``--limit`` names both method and protocol and adds the rest (``eval-voc-naclip-sclip-pamr.json``,
+``result_stem``), and a name that holds a different evaluation is never replaced. ``subset`` also scores a subset of the classes
 (ViL-Seg's unseen classes: ``trainer/eval/subsets``), with all classes as candidates
 (``gzsl``) or only the subset's (``zsl``).
 """
@@ -230,6 +231,12 @@ def run_eval(
     classes, background, lut = data.classes, data.spec.background, None
     if keep is not None and cfg.subset_mode == "zsl":
         classes, background, lut = [data.classes[i] for i in keep], False, zsl_table(keep)
+    if cfg.bg_threshold is not None and not background:
+        raise UserError(
+            f"--bg-threshold sets when a pixel is background, and {cfg.dataset}"
+            f"{' under --subset-mode zsl' if data.spec.background else ''} has no background "
+            "class: leave it out"
+        )
     model, train_cfg, ckpt, method = build_model(
         cfg.checkpoint,
         cfg.preset,
@@ -267,7 +274,8 @@ def run_eval(
     }
     record = {"dataset": cfg.dataset, **summary, "images_per_second": rate, "settings": settings}
     out = Path(cfg.output) if cfg.output else (ckpt if ckpt is not None else Path("runs/untrained"))
-    files = _write(out, result_stem(cfg, method), record)
+    own = method == train_cfg.method  # the model's own method (not a training-free one on it)
+    files = _write(out, result_stem(cfg, method, own), record)
     return EvalResult(
         cfg.dataset,
         summary["mIoU"],
@@ -300,28 +308,59 @@ def _score(seg: Segmenter, data: Dataset, num_classes: int, lut, on_start, on_ad
     return acc, len(data.samples) / max(time.time() - t, 1e-9)
 
 
+# Settings that do not make another evaluation: where it ran and how the checkpoint was named.
+SAME_EVALUATION_IGNORES = ("checkpoint", "output", "device", "torch")
+
+
+def _same_evaluation(path: Path, settings: dict) -> bool:
+    """Whether the result file ``path`` holds an evaluation with these settings (so a rerun
+    may replace it); an unreadable file is kept too."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+    def key(s: dict) -> dict:
+        return {k: v for k, v in s.items() if k not in SAME_EVALUATION_IGNORES}
+
+    return key(old) == key(json.loads(json.dumps(settings, default=str)))
+
+
 def _write(out: Path, stem: str, record: dict) -> list[str]:
+    """The result as ``<stem>.json`` and ``.md``; where that name holds another evaluation
+    (other templates, classes, windows, ...), as ``<stem>-2``, ``-3``, ...: a result is never
+    replaced by a different one."""
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    name, n = stem, 1
+    while (out / f"{name}.json").exists() and not _same_evaluation(
+        out / f"{name}.json", record["settings"]
+    ):
+        n += 1
+        name = f"{stem}-{n}"
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     write_json(json_path, record)
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown(record))
     return [str(json_path), str(md_path)]
 
 
-def result_stem(cfg: EvalConfig, method: str) -> str:
-    """eval-<dataset>, then -<method> unless synseg, -<protocol> unless tcl, -pamr with PAMR,
-    -<subset>[-zsl] with a class subset."""
+def result_stem(cfg: EvalConfig, method: str, own: bool) -> str:
+    """``eval-<dataset>`` for the model's own method under the default protocol (tcl), on all
+    images, without PAMR or a class subset; else ``eval-<dataset>-<method>-<protocol>``, then
+    ``-pamr``, ``-<subset>[-zsl]`` and ``-first<N>`` (``--limit``) as they apply. Method and
+    protocol both stand in the long form, so a method and a protocol of the same name (sclip)
+    cannot give the same name."""
     parts = [f"eval-{cfg.dataset}"]
-    if method != "synseg":
-        parts.append(method)
-    if cfg.protocol != "tcl":
-        parts.append(cfg.protocol)
+    tail = []
     if cfg.pamr:
-        parts.append("pamr")
+        tail.append("pamr")
     if cfg.subset:
-        parts.append(Path(cfg.subset).stem + ("-zsl" if cfg.subset_mode == "zsl" else ""))
-    return "-".join(parts)
+        tail.append(Path(cfg.subset).stem + ("-zsl" if cfg.subset_mode == "zsl" else ""))
+    if cfg.limit:
+        tail.append(f"first{cfg.limit}")
+    if own and cfg.protocol == "tcl" and not tail:
+        return parts[0]
+    return "-".join([*parts, method, cfg.protocol, *tail])
 
 
 def _pct(x: float | None) -> str:

@@ -20,6 +20,7 @@ normalised image. The protocols in ``trainer.eval.protocols`` set all of this.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,20 @@ from trainer.eval.pamr import TCL_DILATIONS, pamr
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
 
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot prompt a class name (None if it can): it must hold exactly one
+    ``{}`` and no other replacement field (``{name}``, ``{0}``, a lone brace)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return f"{template!r} is not a template ({e}; write a literal brace as {{{{ or }}}})"
+    if fields != [""]:
+        return f"{template!r} needs exactly one {{}} where the class name goes, and no other field"
+    return None
+
+
 def read_templates(name_or_path: str) -> list[str]:
     path = Path(name_or_path)
     if not path.is_file():
@@ -41,11 +56,16 @@ def read_templates(name_or_path: str) -> list[str]:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.txt")))
         raise UserError(f"prompt templates {name_or_path!r} not found (a file, or one of: {known})")
-    lines = [
-        x.strip() for x in path.read_text().splitlines() if x.strip() and not x.startswith("#")
-    ]
-    if not lines or any("{}" not in t for t in lines):
-        raise UserError(f"{path}: every template needs {{}} where the class name goes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt templates {path} are not UTF-8 text") from None
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    if not lines:
+        raise UserError(f"{path}: no templates (one a line, with {{}} where the class name goes)")
+    for t in lines:
+        if problem := template_problem(t):
+            raise UserError(f"{path}: {problem}")
     return lines
 
 
@@ -102,7 +122,9 @@ class InferConfig:
             problems.append("--mode must be slide or whole")
         if self.short_side < 16 or self.window < 16 or not 0 < self.stride <= self.window:
             problems.append(
-                "--short-side and --window must be at least 16, and 0 < --stride <= --window"
+                f"--short-side and --window must be at least 16 and --stride at most --window "
+                f"(here {self.short_side}, {self.window} and {self.stride}; 0 gives the "
+                "protocol's value)"
             )
         if self.long_side and self.long_side < self.short_side:
             problems.append("--long-side must be 0 (no cap) or at least --short-side")
@@ -112,8 +134,11 @@ class InferConfig:
             problems.append("pamr must be off, window or image")
         if not 0 <= self.bg_threshold <= 1:
             problems.append("--bg-threshold must be in [0, 1]")
-        if self.logit_scale < 0:
-            problems.append("--logit-scale must not be negative")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
+            problems.append(
+                f"--logit-scale must be a finite number, at least 0 (0: the method's own), "
+                f"not {self.logit_scale}"
+            )
         if problems:
             raise UserError("; ".join(problems))
 

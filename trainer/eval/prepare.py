@@ -18,7 +18,10 @@ for ``labelTrainIds``. Only the validation split is written (the zero-shot bench
 
 Images are hard-linked where the file system allows (copied otherwise); every file is written
 atomically, so an interrupted run leaves no half-written file and a rerun redoes only what is
-missing. ``prepare-<dataset>.json`` records the image count, a label histogram and a SHA-256 of
+missing, or what a source changed since gives (``prepare-<dataset>.sources.json``: each
+output's sources by name, size and modification time, written before any output, so a killed
+run's outputs stay valid). Files get the umask's mode: a source with another mode is copied,
+not linked. ``prepare-<dataset>.json`` records the image count, a label histogram and a SHA-256 of
 the label maps (name, shape and values, in name order), written last: a folder without it is
 not finished.
 """
@@ -39,7 +42,7 @@ from PIL import Image
 
 from pipeline.cores import default_processes, parallel_map
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, clean_stale, write_json
+from pipeline.fsutil import atomic_path, clean_stale, file_mode, write_json
 from trainer.eval.datasets import Sample, suffix_pairs
 
 DATASETS = ("voc", "context", "object", "stuff", "city", "ade")
@@ -159,21 +162,27 @@ def _label(job: Job) -> np.ndarray:
         index = np.searchsorted(kept, mask)  # = np.digitize(mask, kept, right=True)
         known = (index < len(kept)) & (kept[np.minimum(index, len(kept) - 1)] == mask)
         return np.where(known, index, 0).astype(np.uint8)
-    label = np.asarray(Image.open(job.label))
-    if label.ndim != 2:
-        raise UserError(f"{job.label} is not a single-channel label map")
+    with Image.open(job.label) as im:
+        if im.mode not in ("L", "P"):  # 16-bit ("I;16"), colour or float maps
+            raise UserError(f"{job.label} is a {im.mode} image, not an 8-bit label map")
+        label = np.asarray(im)
     if job.rule == "copy":
         return label
     return LUTS[job.rule.split(":")[1]][label]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
+    """A hard link where the file system allows it and the source already has the mode this
+    umask gives (a link shares its source's mode), else a copy."""
+    linkable = (src.stat().st_mode & 0o777) == file_mode()
+    with atomic_path(dst, keep_mode=linkable) as tmp:
         tmp.unlink()
         try:
+            if not linkable:
+                raise OSError("another mode")
             os.link(src, tmp)
         except OSError:
-            shutil.copyfile(src, tmp)
+            shutil.copyfile(src, tmp)  # a new file: the umask's mode
 
 
 def run_job(job: Job) -> tuple[str, str, dict[int, int]]:
@@ -186,8 +195,15 @@ def run_job(job: Job) -> tuple[str, str, dict[int, int]]:
     else:
         try:
             label = _label(job)
-        except (OSError, ValueError) as e:
+            with Image.open(job.image) as im:
+                size = im.size[::-1]
+        except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
             raise UserError(f"cannot read the labels of {job.image}: {e}") from None
+        if label.shape != size:
+            raise UserError(
+                f"the label map of {job.image} is {label.shape[1]} x {label.shape[0]}, "
+                f"its image {size[1]} x {size[0]}"
+            )
         if job.rule == "copy" and job.label:
             _link_or_copy(Path(job.label), label_out)
         else:
@@ -213,9 +229,14 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-def _under(source: Path, name: str) -> Path:
-    """``source`` itself if it is the ``name`` folder, else ``source/name``."""
-    return source if source.name == name else source / name
+def _under(source: Path, name: str, holds: str) -> Path:
+    """The dataset's root: ``source`` itself if it is the ``name`` folder or holds ``holds``
+    (a root under another name), else ``source/name``; one line if neither holds it."""
+    if source.name == name or (source / holds).exists():
+        return source
+    if not (source / name / holds).exists():
+        raise UserError(f"source is incomplete: neither {source / name} nor {source} holds {holds}")
+    return source / name
 
 
 def _pairs(
@@ -235,12 +256,26 @@ def _pairs(
         )
     if not out:
         raise UserError(f"source is incomplete: no *{label_suffix} files under {root / labels}")
+    paired = {s.image for s in out}
+    unlabelled = sorted(
+        p
+        for p in (root / images).glob(f"*/*{image_suffix}" if nested else f"*{image_suffix}")
+        if p not in paired
+    )
+    if unlabelled:
+        raise UserError(
+            f"source is incomplete: {len(unlabelled)} of {len(out) + len(unlabelled)} images "
+            f"have no *{label_suffix} label map, e.g. {unlabelled[0]}"
+        )
     return out
 
 
 def _voc_plan(source: Path, out: Path) -> tuple[list[Job], dict[str, str]]:
-    root = _under(source, "VOC2012")
-    ids = _need(root / "ImageSets/Segmentation/val.txt", "the val list").read_text().split()
+    root = _under(source, "VOC2012", "ImageSets/Segmentation")
+    val = _need(root / "ImageSets/Segmentation/val.txt", "the val list")
+    ids = val.read_text().split()
+    if not ids:
+        raise UserError(f"{val} lists no val images")
     jobs, missing = [], []
     for i in ids:
         img, lab = root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png"
@@ -266,7 +301,7 @@ def _voc_plan(source: Path, out: Path) -> tuple[list[Job], dict[str, str]]:
 def _context_plan(
     source: Path, out: Path, annotations: str | None
 ) -> tuple[list[Job], dict[str, str]]:
-    root = _under(source, "VOC2010")
+    root = _under(source, "VOC2010", "JPEGImages")
     images = _need(root / "JPEGImages", "the VOC2010 images")
     ann_path = Path(annotations) if annotations else None
     if ann_path is None:
@@ -280,14 +315,36 @@ def _context_plan(
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{ann_path} is not Pascal Context's trainval_merged.json ({e})") from None
     per_image = defaultdict(list)
-    for s in segs:
-        per_image[s["image_id"]].append((int(s["category_id"]), s["segmentation"]))
+    for n, seg in enumerate(segs):
+        try:
+            cat, rle = int(seg["category_id"]), seg["segmentation"]
+            if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+                raise ValueError("segmentation is not an RLE with counts and size")
+            per_image[seg["image_id"]].append((cat, rle))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"{ann_path}: annotation {n} is not one of Pascal Context's ({e})"
+            ) from None
     jobs, names, missing = [], [], []
     for im in imgs:
-        img = images / im["file_name"]
+        try:
+            file_name, shape = im["file_name"], (int(im["height"]), int(im["width"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"{ann_path}: image entry {im} is not one of Pascal Context's ({e})"
+            ) from None
+        if (
+            not isinstance(file_name, str)
+            or file_name in ("", ".", "..")
+            or (Path(file_name).name != file_name or "\\" in file_name)
+        ):
+            raise UserError(
+                f"{ann_path}: image file_name {file_name!r} is not a file name in {images}"
+            )
+        img = images / file_name
         if not img.exists():
-            missing.append(im["file_name"])
-        stem = Path(im["file_name"]).stem
+            missing.append(file_name)
+        stem = Path(file_name).stem
         names.append(stem)
         jobs.append(
             Job(
@@ -295,7 +352,7 @@ def _context_plan(
                 str(out / "JPEGImages" / img.name),
                 str(out / "SegmentationClassContext" / f"{stem}.png"),
                 "context",
-                shape=(int(im["height"]), int(im["width"])),
+                shape=shape,
                 segments=tuple(per_image.get(im["image_id"], ())),
             )
         )
@@ -343,7 +400,7 @@ def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
 
 
 def _ade_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
-    root = _under(source, "ADEChallengeData2016")
+    root = _under(source, "ADEChallengeData2016", "images/validation")
     jobs = [
         Job(
             str(s.image),
@@ -404,6 +461,57 @@ def plan(cfg: PrepareConfig) -> tuple[list[Job], dict[str, str]]:
     return _ade_plan(source, out)
 
 
+def _identity(job: Job) -> str:
+    """What a job's output is made from: its sources' names, sizes and modification times
+    (and Pascal Context's annotations of the image), so an edited source makes it again."""
+    h = hashlib.sha1(json.dumps([job.rule, job.shape, Path(job.label_out).name]).encode())
+    for f in (job.image, job.label):
+        if f:
+            st = os.stat(f)
+            h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    if job.segments:
+        h.update(json.dumps(job.segments, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _check_output(cfg: PrepareConfig, out: Path, jobs: list[Job], lists: dict) -> None:
+    """Refuse an output inside the source, or one that holds what prepare did not write."""
+    source = Path(cfg.source).resolve()
+    if out.resolve().is_relative_to(source):
+        raise UserError(f"--output {out} is inside --source {cfg.source}: choose another folder")
+    if not out.is_dir():
+        return
+    ours = {Path(p).relative_to(out).parts[0] for j in jobs for p in (j.image_out, j.label_out)}
+    ours |= {Path(rel).parts[0] for rel in lists}
+    other = sorted(
+        p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("prepare-")
+    )
+    if other:
+        raise UserError(
+            f"--output {out} holds files prepare did not write ({', '.join(other[:3])}"
+            f"{', ...' if len(other) > 3 else ''}): choose a new or empty folder"
+        )
+
+
+def _forget_changed(out: Path, dataset: str, jobs: list[Job]) -> int:
+    """Record each job's sources (before any job runs, so a killed run's outputs stay valid)
+    and remove the outputs of those whose sources changed since: they are made again.
+    Returns how many."""
+    record = out / f"prepare-{dataset}.sources.json"
+    try:
+        old = json.loads(record.read_text()) if record.exists() else {}
+    except (OSError, ValueError):
+        old = {}
+    keys = [str(Path(j.label_out).relative_to(out)) for j in jobs]
+    new = {k: _identity(j) for k, j in zip(keys, jobs, strict=True)}
+    changed = [j for k, j in zip(keys, jobs, strict=True) if old.get(k) != new[k]]
+    for j in changed:
+        Path(j.image_out).unlink(missing_ok=True)
+        Path(j.label_out).unlink(missing_ok=True)
+    write_json(record, new)
+    return len(changed)
+
+
 def run_prepare(
     cfg: PrepareConfig,
     on_start: Callable[[int], None] | None = None,
@@ -411,8 +519,10 @@ def run_prepare(
 ) -> PrepareStats:
     jobs, lists = plan(cfg)
     out = Path(cfg.output)
+    _check_output(cfg, out, jobs, lists)
     manifest = out / f"prepare-{cfg.dataset}.json"
     manifest.unlink(missing_ok=True)  # written again at the end, when everything is there
+    _forget_changed(out, cfg.dataset, jobs)
     for folder in {Path(j.label_out).parent for j in jobs} | {
         Path(j.image_out).parent for j in jobs
     }:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.fsutil import atomic_path
+
 # A qualitative palette (distinct hues), repeated past its length.
 PALETTE = np.array(
     [
@@ -104,17 +106,38 @@ def activation_map(image: Image.Image, act: np.ndarray, name: str, threshold: fl
 
 
 def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
+    """A file-name part for a class name: letters and digits of any script, ``.``, ``-``; runs
+    of anything else become ``_``."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("_.") or "class"
+
+
+def picture_names(names: list[str]) -> list[str]:
+    """A distinct file-name part per class, never ``overlay`` (the overlay's own): where two
+    names give the same part ("a/b", "a b"), the later ones are numbered (``a_b-2``)."""
+    taken, parts = {"overlay"}, []
+    for name in names:
+        base = part = safe_name(name)
+        n = 1
+        while part.casefold() in taken:  # case-insensitive file systems too
+            n += 1
+            part = f"{base}-{n}"
+        taken.add(part.casefold())
+        parts.append(part)
+    return parts
 
 
 def write_pictures(
     image: Image.Image, act: np.ndarray, names: list[str], threshold: float, out: Path, stem: str
 ) -> list[Path]:
+    """``<stem>_overlay.png`` and one ``<stem>_<class>.png`` per class (``picture_names``),
+    each written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}_overlay.png"]
-    overlay(image, act, names, threshold).save(paths[0])
-    for i, name in enumerate(names):
-        p = out / f"{stem}_{safe_name(name)}.png"
-        activation_map(image, act[i], name, threshold).save(p)
-        paths.append(p)
+    pictures = [("overlay", overlay(image, act, names, threshold))]
+    for i, (name, part) in enumerate(zip(names, picture_names(names), strict=True)):
+        pictures.append((part, activation_map(image, act[i], name, threshold)))
+    paths = []
+    for part, picture in pictures:
+        paths.append(out / f"{stem}_{part}.png")
+        with atomic_path(paths[-1]) as tmp:
+            picture.save(tmp, format="PNG")
     return paths

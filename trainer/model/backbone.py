@@ -16,6 +16,7 @@ Architectures are open_clip's registry plus the JSON files in ``trainer/model/co
 from __future__ import annotations
 
 import os
+import pickle
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def create_clip(arch: str, pretrained: str | None, init_seed: int = 0):
     except RuntimeError as e:  # open_clip's words for an unknown tag or a failed download
         raise UserError(
             f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}"
+        ) from None
+    except pickle.UnpicklingError as e:  # torch's weights_only refusal: code, or no checkpoint
+        raise UserError(
+            f"cannot load {arch} weights {pretrained!r}: not a checkpoint torch reads without "
+            f"running code ({str(e).splitlines()[0][:120]})"
         ) from None
     except OSError as e:  # no network, no cache
         raise UserError(f"cannot download {arch} weights {pretrained!r}: {e}") from None

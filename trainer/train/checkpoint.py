@@ -23,7 +23,21 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.fsutil import TMP_SUFFIX, atomic_path, clean_stale
+from pipeline.fsutil import TMP_SUFFIX, atomic_path, clean_stale, file_mode
+
+
+def refuse_non_finite(model, step: int) -> None:
+    """One line, and no checkpoint, when a trained tensor holds NaN or an infinity: never a
+    checkpoint that eval would score as if it were a model. (Every rank calls it before the
+    main one saves: the weights are the same, so all of them stop together.)"""
+    state = model.trainable_state_dict()
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise UserError(
+            f"step {step}: {len(broken)} trained tensors hold NaN or infinite values "
+            f"({', '.join(broken[:2])}); no checkpoint written (lower optim.lr, set "
+            "optim.grad_clip, or resume from the last good checkpoint)"
+        )
 
 
 def save(
@@ -41,10 +55,12 @@ def save(
     folder = run / "checkpoints"
     name = f"step-{step:07d}"
     tmp = folder / f".{name}{TMP_SUFFIX}"
+    refuse_non_finite(model, step)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     clean_stale(folder)  # this one, or one a killed run left
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
+    os.chmod(tmp / "model.safetensors", file_mode())  # safetensors writes 0600
     torch.save(
         {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, tmp / "optimizer.pt"
     )
@@ -115,9 +131,62 @@ def load_stream(ckpt: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        stream = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read: {e}") from None
+    if why := _stream_problem(stream):
+        raise UserError(
+            f"{path} is not a stream position this trainer wrote ({why}); "
+            "delete it to replay the epoch instead"
+        )
+    return stream
+
+
+def _ints(x, n: int) -> bool:
+    return isinstance(x, list) and len(x) == n and all(type(v) is int and v >= 0 for v in x)
+
+
+def _worker_problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return "a worker's state is not an object"
+    if type(state.get("cycle")) is not int or not _ints(state.get("next"), 2):
+        return "a worker's cycle or next sample is missing"
+    buffer = state.get("buffer")
+    if not isinstance(buffer, list) or not all(_ints(b, 2) for b in buffer):
+        return "a worker's shuffle buffer is not a list of (shard, sample)"
+    if type(state.get("draining")) is not bool or not isinstance(state.get("shards"), str):
+        return "a worker's draining flag or shards id is missing"
+    rng = state.get("rng")
+    if not (
+        isinstance(rng, list)
+        and len(rng) == 3
+        and type(rng[0]) is int
+        and _ints(rng[1], 625)
+        and (rng[2] is None or isinstance(rng[2], float))
+    ):
+        return "a worker's random state is missing or damaged"
+    return None
+
+
+def _stream_problem(stream) -> str | None:
+    """Why ``stream`` is not a saved stream position (None if it is one)."""
+    if not isinstance(stream, dict):
+        return "not an object"
+    for key in ("epoch", "batches", "world", "workers"):
+        if type(stream.get(key)) is not int or stream[key] < 0:
+            return f"no {key}"
+    ranks = stream.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != stream["world"]:
+        return "no position for every rank"
+    for rank in ranks:
+        if not isinstance(rank, dict):
+            return "a rank's position is not an object"
+        for worker, state in rank.items():
+            if not worker.isdigit():
+                return f"worker {worker!r} is not a number"
+            if why := _worker_problem(state):
+                return why
+    return None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

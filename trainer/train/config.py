@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from trainer import methods
+from trainer.eval.infer import template_problem
 
 DEFAULT_METHOD = "synseg"
 OPTIMIZERS = ("sgd", "adamw")
@@ -70,6 +71,7 @@ class RunConfig:
     tensorboard: bool = False  # also write TensorBoard events
     text_cache: str = ""  # folder of the label-embedding cache (default: <output>/text_cache)
     encode_batch: int = 1024  # phrases per text-tower call when the vocabulary is encoded
+    encode_save_every: float = 120.0  # seconds between saves of the label cache while encoding
 
 
 @dataclass
@@ -345,6 +347,7 @@ def _check(cfg: TrainConfig) -> list[str]:
         ("run.log_every", cfg.run.log_every, 1),
         ("run.save_every", cfg.run.save_every, 0),
         ("run.encode_batch", cfg.run.encode_batch, 1),
+        ("run.encode_save_every", cfg.run.encode_save_every, 0),
     ):
         if value < low:
             problems.append(f"{name} must be at least {low}, not {value}")
@@ -358,8 +361,8 @@ def _check(cfg: TrainConfig) -> list[str]:
         problems.append("optim.epochs or optim.max_steps must be at least 1")
     if cfg.run.precision not in ("auto", "bf16", "fp32"):
         problems.append("run.precision must be auto, bf16 or fp32")
-    if "{}" not in cfg.data.template:
-        problems.append("data.template must contain {} where the label goes")
+    if problem := template_problem(cfg.data.template):
+        problems.append(f"data.template {problem}")
     return problems + methods.trained(cfg.method).check(cfg)
 
 

@@ -42,6 +42,7 @@ from pipeline.pack import VOCABULARY
 class ShardSet:
     urls: list[str]
     samples: int
+    sizes: dict[str, int] | None = None  # samples of each shard, by url (from sizes.json)
 
 
 def find_shards(folder: str | Path) -> ShardSet:
@@ -51,11 +52,27 @@ def find_shards(folder: str | Path) -> ShardSet:
         raise UserError(f"shards folder {folder} does not exist; run `synseg-data pack` first")
     if not sizes.exists():
         raise UserError(f"{folder} has no sizes.json: not a folder written by `synseg-data pack`")
-    counts = json.loads(sizes.read_text())
-    urls = [str(folder / name) for name, n in counts.items() if n > 0 and (folder / name).exists()]
+    try:
+        counts = json.loads(sizes.read_text())
+        if not isinstance(counts, dict) or not all(
+            isinstance(n, int) and n >= 0 for n in counts.values()
+        ):
+            raise ValueError("not a mapping of shard names to sample counts")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{sizes} cannot be read: {e}") from None
+    # Every shard sizes.json counts must be there: the epoch's length and the stream's
+    # positions come from those counts, so a lost shard would silently shorten every epoch.
+    lost = sorted(name for name, n in counts.items() if n > 0 and not (folder / name).is_file())
+    if lost:
+        raise UserError(
+            f"{folder} lacks {len(lost)} of the shards its sizes.json counts ({', '.join(lost[:3])}"
+            f"{', ...' if len(lost) > 3 else ''}); pack again or restore them"
+        )
+    urls = [str(folder / name) for name, n in counts.items() if n > 0]
     if not urls:
         raise UserError(f"{folder} holds no training samples")
-    return ShardSet(urls=urls, samples=sum(counts.values()))
+    sizes_by_url = {str(folder / name): n for name, n in counts.items() if n > 0}
+    return ShardSet(urls=urls, samples=sum(counts.values()), sizes=sizes_by_url)
 
 
 def valid_labels(labels: object) -> bool:
@@ -172,6 +189,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         else:  # fewer shards than ranks: every rank reads all, in its own order
             random.Random(f"{self.seed}/{self.epoch}/{cycle}/{self.rank}").shuffle(urls)
         return urls[worker::workers] if len(urls) >= workers else urls  # split by worker
+
+    def check_resume(self, resume: dict | None, workers: int) -> None:
+        """One line, before any worker starts, for saved positions that do not fit these
+        shards (a damaged or hand-edited ``stream.json``): a shard or sample past the end."""
+        if not resume or self.shards.sizes is None:
+            return
+        for worker, state in resume["workers"].items():
+            urls = self._my_shards(state["cycle"], int(worker), workers)
+            size = [self.shards.sizes.get(u, 0) for u in urls]
+            si, idx = state["next"]
+            fits = si == len(urls) and idx == 0 or si < len(urls) and idx <= size[si]
+            fits = fits and all(s < len(urls) and 0 <= i < size[s] for s, i in state["buffer"])
+            if not fits:
+                raise UserError(
+                    f"the checkpoint's stream.json puts worker {worker} past the end of its "
+                    "shards; delete that file to replay the epoch instead"
+                )
 
     def _read(self, urls: list[str], cur: _Cursor, bad: list[int]) -> Iterator[tuple]:
         for si in range(cur.shard, len(urls)):

@@ -50,6 +50,10 @@ class TrainStats:
     loss: dict = field(default_factory=dict)  # the last step's terms
     checkpoint: str = ""
     images_per_second: float = 0.0
+    # Batches of the epoch read again on resume: the checkpoint has no stream position for
+    # this number of processes and data workers, so the epoch restarts and skips them (the
+    # rest of it is not the uninterrupted run's).
+    replayed: int = 0
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -66,6 +70,8 @@ def _compatible(saved: dict, cfg: TrainConfig) -> None:
         for key, value in now[group].items():
             if group == "optim" and key in ("max_steps", "epochs"):
                 continue  # a resumed run may go further
+            if group == "data" and key == "workers":
+                continue  # another machine's cores: the epoch is replayed (TrainStats.replayed)
             old = saved.get(group, {}).get(key)
             if isinstance(value, tuple):
                 value = list(value)
@@ -150,7 +156,8 @@ def _label_table(
     cache = None
     if env.main:
         cache = LabelCache(model.backbone, cfg.data.template, folder)
-        if cache.ensure(vocab.phrases, cfg.run.encode_batch, on_start, on_encode):
+        every = cfg.run.encode_save_every
+        if cache.ensure(vocab.phrases, cfg.run.encode_batch, on_start, on_encode, every):
             cache.save()
     if env.world > 1:
         dist.barrier()
@@ -341,6 +348,8 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
     pin = step_fn.device.type == "cuda"
     spe, total = plan.steps_per_epoch, plan.total
     first_epoch, first_batch, resume_at = _stream_start(plan, cfg, env)
+    stream.set_epoch(first_epoch)
+    stream.check_resume(resume_at, max(1, cfg.data.workers))
     model.train()
     t0, seen, step = time.time(), 0, plan.start_step
     try:
@@ -350,6 +359,7 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
             stream.set_epoch(epoch, resume_at if epoch == first_epoch else None)
             batches = iter(loader(stream, cfg.data.workers, pin))
             if resume_at is None and epoch == first_epoch:
+                stats.replayed = start
                 for _ in range(start):
                     next(batches)  # no saved position: replay the stream up to the resume
             for i in range(start, spe):
@@ -394,6 +404,7 @@ def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
     """A checkpoint of the main process, with every rank's stream positions in it."""
     path = ""
     distributed.check_ranks_agree(model.trainable_parameters(), env, step)
+    checkpoint.refuse_non_finite(model, step)
     mine = where["positions"]
     ranks = [mine]
     if env.world > 1:

@@ -9,6 +9,28 @@ from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path
 
 
+def _records(path: Path) -> list[str]:
+    """The log's lines; a last line cut short by a kill is dropped, any other that is not a
+    record is refused in one line."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n")]
+    out = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if n == len(lines) - 1:  # the line being written when the run was killed
+                continue
+            raise UserError(
+                f"{path}, line {n + 1}, is not a metrics record: {line[:60]!r}"
+            ) from None
+        out.append(line)
+    return out
+
+
 class MetricsLog:
     """One JSON line per logged step; a resumed run drops the lines past its step first."""
 
@@ -18,11 +40,7 @@ class MetricsLog:
             return
         path = run / "metrics.jsonl"
         if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= start_step
-            ]
+            kept = [line for line in _records(path) if json.loads(line)["step"] <= start_step]
             with atomic_path(path) as tmp:  # a kill here must not lose the kept lines
                 tmp.write_text("".join(f"{line}\n" for line in kept))
         self.file = path.open("a")

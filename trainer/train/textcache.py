@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,27 +93,49 @@ class LabelCache:
         batch: int = 1024,
         on_start: Callable[[int], None] | None = None,
         on_advance: Callable[[int], None] | None = None,
+        save_every: float = 0.0,
     ) -> int:
-        """Encode every phrase not in the cache yet, ``batch`` at a time; returns how many."""
+        """Encode every phrase not in the cache yet, ``batch`` at a time; returns how many.
+        With a folder and ``save_every`` (seconds), what is encoded is saved that often and
+        on Ctrl-C, so a killed or interrupted encoding goes on from there when run again."""
         new = [p for p in dict.fromkeys(phrases) if p not in self.index]
         if on_start:
             on_start(len(new))
-        parts = []
-        with torch.no_grad():
-            for i in range(0, len(new), batch):
-                chunk = new[i : i + batch]
-                parts.append(
-                    self.backbone.encode_text([self.template.format(p) for p in chunk]).cpu()
-                )
-                if on_advance:
-                    on_advance(len(chunk))
-        if new:
-            start = len(self.index)
-            self.index.update({p: start + i for i, p in enumerate(new)})
-            self.table = torch.cat([self.table, *parts])
-            self.encoded += len(new)
-            self._device_table = None
+        done, parts, last = 0, [], time.monotonic()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(new), batch):
+                    chunk = new[i : i + batch]
+                    parts.append(
+                        self.backbone.encode_text([self.template.format(p) for p in chunk]).cpu()
+                    )
+                    if on_advance:
+                        on_advance(len(chunk))
+                    if save_every and self.folder and time.monotonic() - last >= save_every:
+                        done = self._add(new, done, parts)
+                        self.save()
+                        last = time.monotonic()
+        except KeyboardInterrupt:
+            if self.folder is not None and (parts or done):
+                self._add(new, done, parts)
+                self.save()
+            raise
+        self._add(new, done, parts)
         return len(new)
+
+    def _add(self, new: list[str], done: int, parts: list[torch.Tensor]) -> int:
+        """Append the encoded ``parts`` (the phrases ``new[done:]`` in order) to the table and
+        empty the list; returns how many of ``new`` are in the table now."""
+        if not parts:
+            return done
+        rows = torch.cat(parts)
+        start = len(self.index)
+        self.index.update({p: start + i for i, p in enumerate(new[done : done + len(rows)])})
+        self.table = torch.cat([self.table, rows])
+        self.encoded += len(rows)
+        self._device_table = None
+        parts.clear()
+        return done + len(rows)
 
     def indices(self, phrases: list[str]) -> torch.Tensor:
         """Rows of ``phrases`` in the table (phrases never seen are encoded first)."""
