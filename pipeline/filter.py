@@ -290,12 +290,19 @@ def run_filter(
         if not Path(cfg.allow).is_file():
             raise UserError(f"allow-list {cfg.allow} does not exist")
         allow = set(read_terms(Path(cfg.allow)))
+    # The lists' names and the rules are settings (another one is refused without
+    # --overwrite); the lists' contents and the allow-list are inputs, as the noun manifests
+    # are: an edited list (a new release of generic.txt) makes the labels again.
     settings = {
-        **identity,
+        "lists": [entry["list"] for entry in identity["lists"]],
         "match": cfg.match,
         "min_labels": cfg.min_labels,
         "max_labels": cfg.max_labels,
         "top_k": cfg.top_k,
+        "allow": bool(cfg.allow),
+    }
+    terms = {
+        **identity,
         "allow_sha1": hashlib.sha1("\n".join(sorted(allow)).encode()).hexdigest()[:12]
         if allow
         else None,
@@ -303,7 +310,7 @@ def run_filter(
     with output_dir(cfg.output, "*.parquet"):
         if allow is not None:
             write_json(cfg.output / "_allow.json", sorted(allow))
-        return _filter_all(cfg, shards, matcher, allow, settings, on_start, on_advance)
+        return _filter_all(cfg, shards, matcher, allow, settings, terms, on_start, on_advance)
 
 
 class FilterShard:
@@ -313,14 +320,21 @@ class FilterShard:
     """
 
     def __init__(
-        self, cfg: FilterConfig, matcher: Matcher, allow: set[str] | None, settings: dict
+        self,
+        cfg: FilterConfig,
+        matcher: Matcher,
+        allow: set[str] | None,
+        settings: dict,
+        terms: dict,
     ) -> None:
         self.cfg, self.matcher, self.allow, self.settings = cfg, matcher, allow, settings
+        self.terms = terms
 
     def __call__(self, shard: Path) -> tuple[bool, pa.Table]:
         cfg, target = self.cfg, self.cfg.output / shard.name
-        # A noun manifest made again (a re-download, another model) makes its labels stale.
-        inputs = {"nouns_sha1": file_digest(shard)}
+        # A noun manifest made again (a re-download, another model), or an edited exclusion
+        # or allow-list, makes its labels stale.
+        inputs = {"nouns_sha1": file_digest(shard), **self.terms}
         if check_done(target, self.settings, cfg.overwrite, inputs):
             return False, read_parquet(target, ["labels", "dropped", "kept", "reason"])
         table = read_parquet(shard, ["uid", "key", "phrases"])
@@ -335,6 +349,7 @@ def _filter_all(
     matcher: Matcher,
     allow: set[str] | None,
     settings: dict,
+    terms: dict,
     on_start: Callable[[int], None] | None,
     on_advance: Callable[[int], None] | None,
 ) -> FilterStats:
@@ -343,7 +358,7 @@ def _filter_all(
     by_term: Counter[str] = Counter()
     if on_start:
         on_start(len(shards))
-    job = FilterShard(cfg, matcher, allow, settings)
+    job = FilterShard(cfg, matcher, allow, settings, terms)
     # Matching is fast (millions of phrases/s): worker processes pay off only on large inputs,
     # where reading and writing Parquet dominates; small ones run here.
     dist = distribution(cfg)

@@ -114,3 +114,42 @@ def test_an_encoding_stopped_midway_goes_on_from_what_it_saved(tmp_path, stop):
     whole.ensure(phrases, batch=2)
     assert list(again.index) == list(whole.index)
     assert torch.equal(again.embed(phrases), whole.embed(phrases))
+
+
+def test_absent_negatives_are_never_the_images_own_labels(tmp_path):
+    """k distinct phrases per image from the vocabulary, none of them that image's labels
+    (another image's may be), each phrase of the rest drawn in the long run."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.train.data import Vocabulary
+
+    phrases = [f"p{i}" for i in range(8)]
+    pq.write_table(
+        pa.table({"phrase": phrases, "images": [1] * 8}), tmp_path / "vocabulary.parquet"
+    )
+    vocab = Vocabulary(tmp_path)
+    labels = [["p0", "p1", "p2", "p3", "p4"], ["p5", "unknown phrase"]]
+    rng, seen = random.Random(0), set()
+    for _ in range(200):
+        picks = vocab.absent(labels, 3, rng)
+        first, second = picks[:3], picks[3:]
+        assert len(set(first)) == 3 and set(first) <= {"p5", "p6", "p7"}
+        assert len(set(second)) == 3 and "p5" not in second
+        seen.update(second)
+    assert seen == set(phrases) - {"p5"}
+    assert vocab.absent([phrases[:6]], 3, rng) is None  # only two phrases left to draw
+
+
+def test_the_device_table_follows_new_phrases(tmp_path):
+    """A phrase encoded after the table went to the device is in the device's table too."""
+    bb = FrozenCLIP("synseg-tiny", None, (1, 2, 3))
+    cache = LabelCache(bb, "a photo of a {}.", tmp_path)
+    cache.ensure(["dog", "cat"])
+    before = cache.table_on(torch.device("cpu"))
+    rows = cache.indices(["bird", "dog"])  # bird is new
+    table = cache.table_on(torch.device("cpu"))
+    assert table.shape[0] == before.shape[0] + 1 == len(cache.index)
+    torch.testing.assert_close(table[rows[0]], bb.encode_text(["a photo of a bird."])[0])

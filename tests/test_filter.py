@@ -149,6 +149,29 @@ def test_rerun_skips_and_other_settings_need_overwrite(nouns, labels, tmp_path):
     )
 
 
+def test_an_edited_list_makes_the_labels_again_and_another_list_is_refused(nouns, tmp_path):
+    """A list's contents are an input (a new release of generic.txt remakes the labels, and
+    pack after them); its name is a setting (another list needs --overwrite)."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("kite\n")
+    out = tmp_path / "labels"
+    first = run_filter(FilterConfig(nouns=nouns, output=out, exclude=[str(mine)]))
+    assert first.written == first.shards
+    assert run_filter(FilterConfig(nouns=nouns, output=out, exclude=[str(mine)])).written == 0
+    mine.write_text("kite\nball\n")
+    again = run_filter(FilterConfig(nouns=nouns, output=out, exclude=[str(mine)]))
+    assert again.written == again.shards
+    labels = [
+        label
+        for f in sorted(out.glob("[0-9]*.parquet"))
+        for row in pq.read_table(f, columns=["labels"])["labels"].to_pylist()
+        for label in row
+    ]
+    assert labels and not any("ball" in x or "kite" in x for x in labels)
+    with pytest.raises(UserError, match="other settings"):
+        run_filter(FilterConfig(nouns=nouns, output=out, exclude=["generic"]))
+
+
 def test_bad_inputs(nouns, tmp_path):
     with pytest.raises(UserError, match="not found"):
         run_filter(FilterConfig(nouns=nouns, output=tmp_path / "l", exclude=["no-such-list"]))

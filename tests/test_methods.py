@@ -137,3 +137,74 @@ def test_scores_are_cosines_on_any_window_shape(backbone):
         scores, F.interpolate(cos, size=(48, 40), mode="bilinear", align_corners=False)
     )
     assert scores.abs().max() <= 1 + 1e-9
+
+
+def test_class_embeddings_normalise_each_template_before_the_mean(backbone):
+    """SCLIP's text side: each template's embedding L2-normalised, averaged, normalised."""
+    dense = DenseCLIP(backbone, "sclip").double()
+    names, templates = ["grass", "a red car"], ["a photo of a {}.", "{}", "art of the {}."]
+    got = dense.encode_classes(names, templates)
+    want, plain = [], []
+    for n in names:
+        e = backbone.encode_text([t.format(n) for t in templates]).double()
+        norms = e.norm(dim=-1, keepdim=True)
+        mean = (e / norms).mean(0)
+        want.append(mean / mean.norm())
+        raw = e.mean(0)  # without the per-template normalisation
+        plain.append(raw / raw.norm())
+    # the text tower answers in float32: the comparison is of the normalisations alone
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=0, atol=1e-6)
+    assert (torch.stack(plain) - got).abs().max() > 1e-4, "the order of the two must matter here"
+
+
+@pytest.mark.parametrize("method, scale", [("sclip", 40.0), ("clearclip", 50.0)])
+def test_probabilities_are_a_softmax_over_the_given_axis(backbone, method, scale):
+    dense = DenseCLIP(backbone, method).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64) * 2 - 1
+    for dim in (0, 1):
+        e = torch.exp(scale * x - (scale * x).amax(dim, keepdim=True))
+        torch.testing.assert_close(
+            dense.probabilities(x, dim), e / e.sum(dim, keepdim=True), rtol=0, atol=1e-12
+        )
+
+
+def test_score_averaging_takes_the_softmax_over_classes_after_the_windows(backbone):
+    """The sclip protocol's rule: every window's cosine scores (resized to the window) averaged
+    where windows overlap, resized to the label's size, then a softmax over the names at each
+    pixel; a direct float64 re-implementation of SCLIP's forward_slide, on a non-square image
+    with windows that overlap unevenly."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.eval.infer import InferConfig, Segmenter
+
+    single = FrozenCLIP("synseg-tiny", None, (1,), init_seed=7)  # the float32 the harness runs
+    dense = DenseCLIP(single, "sclip")
+    exact = DenseCLIP(copy.deepcopy(single).double(), "sclip").double()
+    rng = np.random.default_rng(4)
+    img = Image.fromarray(rng.integers(0, 255, (56, 88, 3), dtype=np.uint8))
+    cfg = InferConfig(
+        mode="slide", short_side=56, long_side=0, window=32, stride=24, average="score"
+    )
+    names = [["grass"], ["sky"], ["a car"]]
+    seg = Segmenter(dense, names, ["a photo of a {}."], cfg)
+    got = seg.name_probs(img, (50, 70))
+    x = torch.from_numpy(np.asarray(img).astype(np.float64) / 255).permute(2, 0, 1)[None]
+    text = exact.encode_classes([n[0] for n in names], ["a photo of a {}."]).double()
+    H, W, win, stride = 56, 88, 32, 24
+    preds = torch.zeros(1, 3, H, W, dtype=torch.float64)
+    count = torch.zeros(1, 1, H, W, dtype=torch.float64)
+    for hi in range(max(H - win + stride - 1, 0) // stride + 1):
+        for wi in range(max(W - win + stride - 1, 0) // stride + 1):
+            y1, x1 = hi * stride, wi * stride
+            y2, x2 = min(y1 + win, H), min(x1 + win, W)
+            y1, x1 = max(y2 - win, 0), max(x2 - win, 0)
+            preds += F.pad(exact.scores(x[:, :, y1:y2, x1:x2], text), (x1, W - x2, y1, H - y2))
+            count[:, :, y1:y2, x1:x2] += 1
+    logits = F.interpolate(preds / count, size=(50, 70), mode="bilinear", align_corners=False)
+    want = torch.softmax(40.0 * logits[0], dim=0)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert torch.allclose(got.sum(0), torch.ones(50, 70, dtype=got.dtype), atol=1e-5)

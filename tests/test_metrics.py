@@ -71,3 +71,16 @@ def test_agrees_with_a_direct_computation_on_random_maps():
         inter = np.sum((p == c) & (t == c) & keep)
         union = np.sum(((p == c) | (t == c)) & keep)
         assert acc.iou()[c] == pytest.approx(inter / union)
+
+
+def test_macc_divides_by_the_label_area_as_mmsegmentation_does():
+    """MMSegmentation's Acc of a class is intersect / area_label (its recall), not over the
+    predicted area or the union; mAcc is their mean over the classes with labels."""
+    acc = IoUAccumulator(3)
+    # class 0: label 4 px, predicted 2 (both right); class 1: label 3, predicted 4 (2 right);
+    # class 2: predicted once, never labelled (Acc NaN, left out of mAcc)
+    acc.add(np.array([[0, 0, 1, 1, 1, 1, 2]]), np.array([[0, 0, 0, 0, 1, 1, 1]]))
+    per = acc.summary(["a", "b", "c"])["per_class"]
+    assert per["a"]["Acc"] == pytest.approx(2 / 4) and per["b"]["Acc"] == pytest.approx(2 / 3)
+    assert per["c"]["Acc"] is None
+    assert acc.summary(["a", "b", "c"])["mAcc"] == pytest.approx((2 / 4 + 2 / 3) / 2)

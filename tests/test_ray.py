@@ -193,3 +193,21 @@ def test_download_on_ray_fetches_what_the_local_download_fetched(world, served, 
         return sorted(r["uid"] for r in rows if r["status"] == "success")
 
     assert ok(out) == ok(raw) and len(ok(out)) == len(set(ok(out)))
+
+
+class _SlowFirst:
+    """A job whose early items take longest, so Ray finishes them last."""
+
+    def __call__(self, item: int) -> tuple[int, int]:
+        time.sleep(0.3 if item < 2 else 0.0)
+        return item, os.getpid()
+
+
+def test_ray_results_come_back_in_input_order():
+    from pipeline.distribute import Distribution, run_jobs
+    from tests.test_ray import _SlowFirst as Job  # a name Ray's workers can import
+
+    items = list(range(8))
+    results = list(run_jobs(Job(), items, Distribution("ray", workers=2)))
+    assert [r[0] for r in results] == items
+    assert len({pid for _, pid in results}) == 2, "two actors shared the work"

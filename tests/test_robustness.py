@@ -386,3 +386,20 @@ def test_a_ray_address_that_does_not_answer_is_one_line_not_a_hang(raw, tmp_path
     )
     one_error_line(result, needle)
     assert not (tmp_path / "n").exists() or not list((tmp_path / "n").glob("*.parquet"))
+
+
+def test_pack_counts_a_sample_that_lost_only_its_image(raw, labels, tmp_path):
+    """A tar cut between a sample's .txt/.json and its .jpg keeps the text but not the image:
+    that sample is missing too."""
+    raw2 = copy(raw, tmp_path / "raw")
+    tar_path = sorted(raw2.glob("[0-9]*.tar"))[1]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    lost = next(m.name for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            if m.name != lost:
+                tar.addfile(m, io.BytesIO(data))
+    assert any(m.name == lost.replace(".jpg", ".json") for m, _ in members)
+    with pytest.raises(UserError, match=rf"{tar_path.stem}\.tar: 1 missing"):
+        run_pack(PackConfig(raw=raw2, labels=labels, output=tmp_path / "shards", **PACK))

@@ -277,3 +277,86 @@ def test_torchrun_on_gpu_with_nccl_resumes_like_an_uninterrupted_run(shards, tmp
     for x, y in zip(a, b, strict=True):
         for k in x["loss"]:
             assert x["loss"][k] == pytest.approx(y["loss"][k], rel=1e-3, abs=1e-4), (x["step"], k)
+
+
+# --------------------------------------------------------------------------- guards a number needs
+
+
+def test_an_infinite_loss_stops_the_run_as_nan_does(shards, tmp_path, monkeypatch):
+    """Not only NaN: a loss of +inf (a log of zero, an overflow) stops the run at its step."""
+    import dataclasses
+
+    import trainer.methods as registry
+
+    real_trained = registry.trained
+    synseg = real_trained("synseg")
+    real = synseg.objective
+
+    def infinite_at_2(cfg):
+        objective = real(cfg)
+
+        class Inf(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner, self.calls = objective, 0
+
+            def forward(self, *a, **k):
+                terms = self.inner(*a, **k)
+                self.calls += 1
+                if self.calls == 2:
+                    terms["total"] = terms["total"] + float("inf")
+                return terms
+
+        return Inf()
+
+    patched = dataclasses.replace(synseg, objective=infinite_at_2)
+    monkeypatch.setattr(
+        registry, "trained", lambda name: patched if name == "synseg" else real_trained(name)
+    )
+    with pytest.raises(UserError, match="the loss is not finite from step 2"):
+        run_train(tiny(shards, tmp_path / "inf", "optim.max_steps=3", "run.log_every=3"))
+    assert not (tmp_path / "inf/checkpoints").exists()
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0])
+def test_the_gradient_clip_bounds_the_first_update(shards, tmp_path, clip):
+    """Plain SGD (no momentum, no decay, lr 1): the first step moves the trained weights by
+    exactly the gradient, so with a clip its global norm is the clip; without one it is not."""
+    from trainer import methods
+
+    cfg = tiny(
+        shards,
+        tmp_path / "clip",
+        "optim.max_steps=1",
+        "optim.name=sgd",
+        "optim.momentum=0",
+        "optim.weight_decay=0",
+        "optim.lr=1",
+        f"optim.grad_clip={clip}",
+    )
+    run_train(cfg)
+    torch.manual_seed(cfg.run.seed)  # the start the run built (trainer.train.loop._build)
+    start = methods.trained(cfg.method).build(cfg.model).trainable_state_dict()
+    after = load_file(str(tmp_path / "clip/checkpoints/step-0000001/model.safetensors"))
+    moved = torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in start.items()))
+    if clip:
+        assert moved == pytest.approx(clip, rel=1e-3)
+    else:
+        assert moved > 10 * 1e-3  # the gradient is far larger than the clip above
+
+
+def test_each_rank_resumes_from_its_own_saved_position():
+    """Rank r of a resumed DDP run continues from the stream position rank r saved."""
+    from trainer.train.data import ShardSet
+    from trainer.train.distributed import Ranks
+    from trainer.train.loop import _Plan, _stream_start
+
+    cfg = resolve("tiny", overrides=["data.workers=2"])
+    ranks = [
+        {"0": {"at": f"rank {r} worker 0"}, "1": {"at": f"rank {r} worker 1"}} for r in range(3)
+    ]
+    saved = {"epoch": 0, "batches": 5, "world": 3, "workers": 2, "ranks": ranks}
+    plan = _Plan(ShardSet(["a", "b", "c"], 300), 10, 20, None, 5, 0, saved)
+    for r in range(3):
+        epoch, batch, resume = _stream_start(plan, cfg, Ranks(rank=r, world=3))
+        assert (epoch, batch) == (0, 5) and resume == {"offset": 1, "workers": ranks[r]}

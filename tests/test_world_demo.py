@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from pipeline.serve import free_port
 from pipeline.world import SEEN, UNSEEN
 from trainer.methods.training_free import TRAINING_FREE
@@ -12,6 +14,7 @@ from trainer.world.demo import (
     VILSEG_RANDOM_START,
     WorldDemoConfig,
     run_world_demo,
+    split_scores,
     summarise,
     verdict,
 )
@@ -116,16 +119,18 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS) + 2)
 
 
-def test_a_difference_inside_the_spread_is_a_tie():
-    def row(*unseen):
-        return summarise(
-            "r",
-            [
-                {"seed": i, "seen": 0.5, "unseen": u, "all": 0.5, "hm": 0.5}
-                for i, u in enumerate(unseen)
-            ],
-        )
+def row(*unseen):
+    """A table row whose seeds score these unseen mIoUs (and 0.5 everywhere else)."""
+    return summarise(
+        "r",
+        [
+            {"seed": i, "seen": 0.5, "unseen": u, "all": 0.5, "hm": 0.5}
+            for i, u in enumerate(unseen)
+        ],
+    )
 
+
+def test_a_difference_inside_the_spread_is_a_tie():
     start = row(0.30)
     assert verdict(start, row(0.31, 0.33, 0.29), "unseen") == "tie"  # spread 0.02, delta 0.01
     assert verdict(start, row(0.40, 0.41, 0.39), "unseen") == "gain"
@@ -133,3 +138,24 @@ def test_a_difference_inside_the_spread_is_a_tie():
     assert verdict(start, row(0.31), "unseen") == "gain"  # one run each: no spread to hide in
     assert verdict(start, row(0.303), "unseen") == "tie"  # under half a point
     assert verdict(start, row(0.30), "unseen") == "tie"
+
+
+def test_the_tie_band_is_twice_the_larger_spread():
+    """Spread 0.02 on both sides of the band: a difference of 0.03 (between one and two
+    spreads) is a tie, one of 0.055 (between two and three) a gain."""
+
+    start = row(0.30)
+    assert row(0.33, 0.35, 0.31)["spread"]["unseen"] == pytest.approx(0.02)
+    assert verdict(start, row(0.33, 0.35, 0.31), "unseen") == "tie"
+    assert verdict(start, row(0.355, 0.375, 0.335), "unseen") == "gain"
+    assert verdict(row(0.33, 0.35, 0.31), start, "unseen") == "tie"  # the larger spread counts
+    assert verdict(start, row(0.245, 0.265, 0.225), "unseen") == "loss"
+
+
+def test_the_split_scores_of_a_hand_made_result():
+    per_class = {"grass": 0.8, "snow": 0.2, "kite": 0.6, "fish": None, "lava": 0.4}
+    got = split_scores(per_class, {"snow", "fish", "lava"})
+    assert got["seen"] == pytest.approx(0.7)  # grass, kite
+    assert got["unseen"] == pytest.approx(0.3)  # snow, lava; fish has no pixels
+    assert got["all"] == pytest.approx(0.5)
+    assert got["hm"] == pytest.approx(2 * 0.7 * 0.3 / 1.0)
