@@ -30,6 +30,7 @@ from pipeline.fsutil import (
     file_digest,
     output_dir,
     read_parquet,
+    read_settings,
     write_json,
     write_parquet,
 )
@@ -332,6 +333,8 @@ class FilterShard:
 
     def __call__(self, shard: Path) -> tuple[bool, pa.Table]:
         cfg, target = self.cfg, self.cfg.output / shard.name
+        if target.exists() and _older_record(read_settings(target)) == self.settings:
+            target.unlink()  # the same lists and rules, recorded the older way: made again
         # A noun manifest made again (a re-download, another model), or an edited exclusion
         # or allow-list, makes its labels stale.
         inputs = {"nouns_sha1": file_digest(shard), **self.terms}
@@ -341,6 +344,18 @@ class FilterShard:
         out = filter_table(table, self.matcher, cfg, self.allow)
         write_parquet(target, out, self.settings, inputs)
         return True, out.select(["labels", "dropped", "kept", "reason"])
+
+
+def _older_record(settings: dict | None) -> dict | None:
+    """Settings recorded before the lists' contents were inputs (each list with its SHA-1,
+    an ``allow_sha1``), in today's form; None for any other record."""
+    lists = (settings or {}).get("lists")
+    if not lists or not all(isinstance(x, dict) for x in lists) or "allow_sha1" not in settings:
+        return None
+    older = {k: v for k, v in settings.items() if k != "allow_sha1"}
+    older["lists"] = [x.get("list") for x in lists]
+    older["allow"] = bool(settings["allow_sha1"]) and not settings.get("top_k")
+    return older
 
 
 def _filter_all(

@@ -230,3 +230,26 @@ def test_top_k_is_the_k_most_frequent_labels_after_exclusion(tmp_path):
     assert __import__("json").loads((out / "_allow.json").read_text()) == ["cat", "dog"]
     kept = [r["kept"] for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert kept == [True] * 4 + [True] * 2 + [False, False, True, False]
+
+
+def test_labels_recorded_the_older_way_are_made_again_not_refused(nouns, labels, tmp_path):
+    """Labels written when each list's SHA-1 was a setting: the same lists and rules are made
+    again (a checkout that updates, then runs make demo, goes on); other rules stay refused."""
+    from pipeline.fsutil import read_parquet, read_settings, write_parquet
+
+    out = tmp_path / "labels"
+    shutil.copytree(labels, out)
+    for f in sorted(out.glob("[0-9]*.parquet")):
+        now = read_settings(f)
+        older = {k: v for k, v in now.items() if k != "allow"}
+        older["lists"] = [{"list": n, "sha1": "78111f14c709"} for n in now["lists"]]
+        older["allow_sha1"] = None
+        write_parquet(f, read_parquet(f), older, read_settings(f, b"synseg_inputs"))
+    again = run_filter(FilterConfig(nouns=nouns, output=out))
+    assert again.written == again.shards
+    assert run_filter(FilterConfig(nouns=nouns, output=out)).written == 0
+    older["match"] = "word"
+    first = sorted(out.glob("[0-9]*.parquet"))[0]
+    write_parquet(first, read_parquet(first), older, read_settings(first, b"synseg_inputs"))
+    with pytest.raises(UserError, match="other settings"):
+        run_filter(FilterConfig(nouns=nouns, output=out))

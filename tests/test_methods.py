@@ -208,3 +208,53 @@ def test_score_averaging_takes_the_softmax_over_classes_after_the_windows(backbo
     want = torch.softmax(40.0 * logits[0], dim=0)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
     assert torch.allclose(got.sum(0), torch.ones(50, 70, dtype=got.dtype), atol=1e-5)
+
+
+def peer_interpolate_pos_encoding(pos: torch.Tensor, h: int, w: int, patch: int) -> torch.Tensor:
+    """SCLIP's, NACLIP's and ClearCLIP's ``interpolate_pos_encoding`` for an image of h x w
+    pixels (their ``w, h`` arguments are the image's last two sizes, in that order)."""
+    n = pos.shape[0] - 1
+    if (h // patch) * (w // patch) == n and h == w:
+        return pos
+    g = int(math.sqrt(n))
+    h0, w0 = h // patch + 0.1, w // patch + 0.1
+    grid = F.interpolate(
+        pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2),
+        scale_factor=(h0 / math.sqrt(n), w0 / math.sqrt(n)),
+        mode="bicubic",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
+    assert grid.shape[-2:] == (int(h0), int(w0))
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])
+
+
+@pytest.mark.parametrize("size", [(40, 56), (72, 24), (48, 48), (64, 64)])
+def test_training_free_position_embeddings_are_resized_as_the_peers_do(backbone, size):
+    """On every grid but the trained one the source coordinates of the scale-factor rule
+    differ from a resize to the grid's size; the training-free methods take the peers'."""
+    pos = backbone.model.visual.positional_embedding.double()
+    h, w = size[0] // 8, size[1] // 8
+    got = backbone._position_embedding(h, w, "scale")
+    torch.testing.assert_close(
+        got, peer_interpolate_pos_encoding(pos, *size, 8), rtol=0, atol=1e-12
+    )
+    if (h, w) != (8, 8):
+        assert (backbone._position_embedding(h, w, "size") - got).abs().max() > 1e-6
+    # and DenseCLIP reads the tower with it
+    dense = DenseCLIP(backbone, "clearclip").double()
+    images = torch.rand(
+        1, 3, *size, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    x = (images - dense.mean) / dense.std
+    stream, _ = backbone.before_last_block(x, resize="scale")
+    visual = backbone.model.visual
+    from trainer.methods.training_free import last_block
+
+    want = F.normalize(
+        backbone.project(last_block(visual.transformer.resblocks[-1], stream, "clearclip", (h, w)))[
+            :, 1:
+        ],
+        dim=-1,
+    )
+    torch.testing.assert_close(dense.patch_tokens(images)[0], want, rtol=0, atol=1e-12)

@@ -164,3 +164,83 @@ def test_eval_passes_the_presets_values_on(pamr):
     )
     city = EvalConfig("city", ".", protocol="sclip", pamr=pamr).inference(224)
     assert city.short_side == SCLIP["datasets"]["city"]["short_side"]
+
+
+MMSEG = json.loads((Path(__file__).parent / "fixtures/mmseg_0.27_classes.json").read_text())
+CLASSNAMES = Path(__file__).parents[1] / "trainer/eval/classnames"
+
+
+@pytest.mark.parametrize("dataset", sorted(TCL["datasets"]))
+def test_tcl_prompts_the_raw_class_names_tcl_prompts(dataset):
+    """MMSegmentation 0.27's CLASSES, or TCL's own datasets' (VOC-20, COCO-Object): one raw
+    name a class ("diningtable", "building-other")."""
+    from trainer.eval.datasets import read_classnames
+
+    want = TCL["classes"].get(dataset) or MMSEG[dataset]
+    # stripped: MMSegmentation's ADE20K holds 'bed ' and SCLIP's files trailing blanks, which
+    # CLIP's tokenizer drops (it cleans whitespace before the byte-pair encoding)
+    assert read_classnames(CLASSNAMES / "tcl" / f"{dataset}.txt") == [[n.strip()] for n in want]
+
+
+@pytest.mark.parametrize("dataset", sorted(SCLIP["datasets"]))
+def test_sclip_prompts_sclips_own_class_files(dataset):
+    from trainer.eval.datasets import read_classnames
+
+    want = [
+        [n.strip() for n in line.split(", ")] for line in SCLIP["datasets"][dataset]["class_names"]
+    ]
+    assert read_classnames(CLASSNAMES / "sclip" / f"{dataset}.txt") == want
+
+
+def test_sclip_labels_follow_sclips_rule_with_its_background_names(world, tmp_path):
+    """SCLIP's predict: a softmax over every query (background's line-0 names too), each class
+    its best query, the argmax, then background wherever that best is below prob_thd."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tests.test_subsets import fake_voc
+    from trainer import methods
+    from trainer.eval.datasets import open_dataset
+    from trainer.eval.evaluate import EvalConfig, build_model, prompted_names, resolve_device
+    from trainer.eval.infer import Segmenter
+
+    root = fake_voc(tmp_path / "voc")
+    shots = sorted((world / "VOC2012/JPEGImages").glob("val_*.jpg"))[:4]
+    for shot, i in zip(
+        shots, (root / "ImageSets/Segmentation/val.txt").read_text().split(), strict=True
+    ):
+        Image.open(shot).resize((64, 64)).save(root / f"JPEGImages/{i}.jpg")
+    cfg = EvalConfig("voc", str(root), method="sclip", protocol="sclip", mode="whole")
+    data = open_dataset("voc", root)
+    prompts, path = prompted_names(cfg, data)
+    assert path == CLASSNAMES / "sclip/voc.txt" and len(prompts[0]) == 26
+    model, train_cfg, _, method = build_model(None, "tiny", None, resolve_device("cpu"))
+    infer = EvalConfig("voc", str(root), method="sclip", protocol="sclip", mode="whole").inference(
+        model.native_size
+    )
+    scorer = methods.scorer("sclip", model, train_cfg, infer)
+    seg = Segmenter(scorer, prompts, ["a photo of a {}."], infer, True, True)
+    query_class = [c for c, names in enumerate(prompts) for _ in names]  # get_cls_idx
+    for sample in data.samples[:2]:
+        img, label = data.load(sample)
+        got, _ = seg.predict(img, label.shape)
+        probs = seg.name_probs(img, label.shape).double()  # (queries, H, W), softmax over all
+        per_class = torch.stack(
+            [probs[[q for q, c in enumerate(query_class) if c == k]].amax(0) for k in range(21)]
+        )
+        want = per_class.argmax(0)
+        want[per_class.amax(0) < SCLIP["datasets"]["voc"]["model"]["prob_thd"]] = 0
+        assert np.array_equal(got, want.numpy())
+    # eval runs it so, and says so in the result
+    from trainer.eval.evaluate import run_eval
+
+    res = run_eval(
+        EvalConfig("voc", str(root), method="sclip", protocol="sclip", output=str(tmp_path / "r"))
+    )
+    settings = json.loads(Path(res.files[0]).read_text())["settings"]
+    assert settings["prompt_background"] is True
+    assert settings["names_file"].endswith("classnames/sclip/voc.txt")
+    # --names project: this project's names, background a threshold only
+    project = EvalConfig("voc", str(root), protocol="sclip", names="project")
+    assert prompted_names(project, data) == (data.classes, None)

@@ -338,10 +338,10 @@ def test_segment_keeps_every_class_map_apart(world, tmp_path):
 
 def test_a_class_file_naming_one_class_twice_is_refused(world, tmp_path):
     f = tmp_path / "classes.txt"
-    f.write_text("grass\nsand, beach\nball\nbeach\n")
+    f.write_text("grass\nsand, beach\nball\nsand, dune\n")
     one_error_line(
         cli("eval", "--dataset", "world", "--data-root", world, "--classes", f),
-        "'beach' names two classes ('sand' and 'beach')",
+        "classes 1 and 3 are both named 'sand'",
     )
 
 

@@ -232,6 +232,13 @@ def eval_(
             help="Prompt templates: tcl9, imagenet80, clip7, single or a file (default: the protocol's)"
         ),
     ] = None,
+    names: Annotated[
+        str,
+        typer.Option(
+            help="Prompted class names: protocol (the peers' own files for the protocol, "
+            "background's names prompted under sclip) or project (this project's class files)"
+        ),
+    ] = "protocol",
     limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
     subset: Annotated[
         str | None,
@@ -292,6 +299,7 @@ def eval_(
         method=method,
         protocol=protocol,
         pamr=pamr,
+        names=names,
         templates=templates,
         limit=limit,
         subset=subset,

@@ -173,14 +173,16 @@ def read_classnames(path: Path) -> list[list[str]]:
             classes.append(names)
     if not classes:
         raise UserError(f"class file {path} lists no classes")
-    line_of: dict[str, int] = {}
+    # A class's first name keys the results and names its pictures: two classes of one first
+    # name would lose one of them. A synonym may be shared (SCLIP's own COCO-Object file
+    # prompts "bed" for background and for the bed): both classes score it.
+    first: dict[str, int] = {}
     for i, names in enumerate(classes):
-        for n in names:
-            if line_of.setdefault(n, i) != i:  # one name, two label values: one would be lost
-                first = classes[line_of[n]][0]
-                raise UserError(
-                    f"class file {path}: {n!r} names two classes ({first!r} and {names[0]!r})"
-                )
+        if first.setdefault(names[0], i) != i:
+            raise UserError(
+                f"class file {path}: classes {first[names[0]]} and {i} are both named "
+                f"{names[0]!r} (the first name of a line names its class)"
+            )
     return classes
 
 

@@ -24,13 +24,14 @@ import torch
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from trainer import methods
-from trainer.eval.datasets import Dataset, open_dataset, read_classnames
+from trainer.eval.datasets import CLASSNAMES, Dataset, open_dataset, read_classnames
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
 from trainer.eval.metrics import IGNORE, IoUAccumulator
 from trainer.eval.protocols import geometry, get_protocol
 
 SUBSETS = Path(__file__).parent / "subsets"
 SUBSET_MODES = ("gzsl", "zsl")
+NAMES = ("protocol", "project")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class EvalConfig:
     method: str | None = None  # trainer.methods; None: the checkpoint's own (synseg without one)
     protocol: str = "tcl"  # tcl or sclip (trainer.eval.protocols): the defaults below
     pamr: bool = False  # PAMR refinement, where the protocol applies it
+    names: str = "protocol"  # prompted class names: the protocol's peers' (protocol) or project
     # Each of these, when given, replaces the protocol's value.
     templates: str | None = None  # prompt templates: a name in trainer/eval/templates or a file
     mode: str = "slide"
@@ -68,6 +70,8 @@ class EvalConfig:
             check_weights(self.method, self.checkpoint, self.decoder_init)
         get_protocol(self.protocol)
         problems = []
+        if self.names not in NAMES:
+            problems.append(f"--names must be one of {', '.join(NAMES)}")
         if self.subset_mode not in SUBSET_MODES:
             problems.append(f"--subset-mode must be one of {', '.join(SUBSET_MODES)}")
         for name in ("limit", "short_side", "window", "stride"):
@@ -228,9 +232,11 @@ def run_eval(
     device = resolve_device(cfg.device)
     data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
     keep = read_subset(cfg.subset, cfg.dataset, data.classes) if cfg.subset else None
-    classes, background, lut = data.classes, data.spec.background, None
+    prompts, names_file = prompted_names(cfg, data)
+    prompt_background = get_protocol(cfg.protocol).prompt_background and names_file is not None
+    classes, background, lut = prompts, data.spec.background, None
     if keep is not None and cfg.subset_mode == "zsl":
-        classes, background, lut = [data.classes[i] for i in keep], False, zsl_table(keep)
+        classes, background, lut = [prompts[i] for i in keep], False, zsl_table(keep)
     if cfg.bg_threshold is not None and not background:
         raise UserError(
             f"--bg-threshold sets when a pixel is background, and {cfg.dataset}"
@@ -249,9 +255,10 @@ def run_eval(
     infer = cfg.inference(model.native_size)
     templates = read_templates(cfg.templates or get_protocol(cfg.protocol).templates)
     scorer = methods.scorer(method, model, train_cfg, infer)
-    seg = Segmenter(scorer, classes, templates, infer, background=background)
+    seg = Segmenter(scorer, classes, templates, infer, background, prompt_background)
     acc, rate = _score(seg, data, len(classes), lut, on_start, on_advance)
-    names = [n[0] for n in classes]
+    # Results are keyed by this project's names, whatever was prompted.
+    names = [data.classes[i][0] for i in (keep if lut is not None else range(len(classes)))]
     summary = acc.summary(names)
     if keep is not None:
         scored = list(range(len(keep))) if lut is not None else keep
@@ -266,6 +273,8 @@ def run_eval(
         "method": method,
         "inference": asdict(infer),
         "templates_used": templates,
+        "names_file": str(names_file) if names_file else None,
+        "prompt_background": prompt_background,
         "checkpoint_folder": str(ckpt) if ckpt else None,
         "model": asdict(train_cfg.model),
         "normalisation": "clip" if kind == "training-free" else model.normalisation,
@@ -288,6 +297,19 @@ def run_eval(
         summary.get("subset"),
         method,
     )
+
+
+def prompted_names(cfg: EvalConfig, data: Dataset) -> tuple[list[list[str]], Path | None]:
+    """The names each class is prompted by, and the peers' file they come from (None: the
+    dataset's own class file or ``--classes``): ``--names protocol`` takes the protocol's
+    (``trainer/eval/classnames/<protocol names>/<dataset>.txt``) where it has one."""
+    path = CLASSNAMES / get_protocol(cfg.protocol).names / f"{cfg.dataset}.txt"
+    if cfg.classes or cfg.names == "project" or not path.is_file():
+        return data.classes, None
+    prompts = read_classnames(path)
+    if len(prompts) != len(data.classes):  # the shipped files are tied to the datasets by tests
+        raise UserError(f"{path} has {len(prompts)} classes; {cfg.dataset} has {len(data.classes)}")
+    return prompts, path
 
 
 def _score(seg: Segmenter, data: Dataset, num_classes: int, lut, on_start, on_advance):
@@ -347,7 +369,8 @@ def _write(out: Path, stem: str, record: dict) -> list[str]:
 def result_stem(cfg: EvalConfig, method: str, own: bool) -> str:
     """``eval-<dataset>`` for the model's own method under the default protocol (tcl), on all
     images, without PAMR or a class subset; else ``eval-<dataset>-<method>-<protocol>``, then
-    ``-pamr``, ``-<subset>[-zsl]`` and ``-first<N>`` (``--limit``) as they apply. Method and
+    ``-pamr``, ``-<subset>[-zsl]``, ``-project-names`` and ``-first<N>`` (``--limit``) as they
+    apply. Method and
     protocol both stand in the long form, so a method and a protocol of the same name (sclip)
     cannot give the same name."""
     parts = [f"eval-{cfg.dataset}"]
@@ -356,6 +379,8 @@ def result_stem(cfg: EvalConfig, method: str, own: bool) -> str:
         tail.append("pamr")
     if cfg.subset:
         tail.append(Path(cfg.subset).stem + ("-zsl" if cfg.subset_mode == "zsl" else ""))
+    if cfg.names == "project":
+        tail.append("project-names")
     if cfg.limit:
         tail.append(f"first{cfg.limit}")
     if own and cfg.protocol == "tcl" and not tail:

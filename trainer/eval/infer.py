@@ -154,10 +154,14 @@ class Segmenter:
         templates: list[str],
         cfg: InferConfig,
         background: bool = False,
+        prompt_background: bool = False,
     ) -> None:
         self.scorer, self.cfg, self.background = scorer, cfg, background
+        self.prompt_background = background and prompt_background
         self.device = scorer.mean.device
-        named = classes[1:] if background else classes  # background is a threshold, not a prompt
+        # Background is a threshold (TCL's constant channel), or also a prompted class whose
+        # names are those of line 0 (the SCLIP family's).
+        named = classes[1:] if background and not prompt_background else classes
         if not cfg.synonyms:
             named = [names[:1] for names in named]
         self.names = [n for names in named for n in names]
@@ -233,6 +237,8 @@ class Segmenter:
         """Label map (H, W) and class probabilities (C, H, W)."""
         act = self.class_probs(img, out_size)
         pred = act.argmax(0)
-        if self.background:  # a constant background channel first: it wins ties, as argmax does
+        if self.prompt_background:  # SCLIP: background where the best class is below prob_thd
+            pred = torch.where(act.max(0).values < self.cfg.bg_threshold, 0, pred)
+        elif self.background:  # a constant background channel first: it wins ties, as argmax does
             pred = torch.where(act.max(0).values <= self.cfg.bg_threshold, 0, pred + 1)
         return pred.cpu().numpy(), act

@@ -7,12 +7,16 @@
 | sliding window     | 448, stride 224                           | 224, stride 112                             |
 | averaged over windows | probabilities                          | scores (logits, or cosines), softmax after |
 | prompts            | TCL's 9 templates (``tcl9``)              | CLIP's 80 ImageNet templates (``imagenet80``) |
-| class names        | one raw name per class (the first)        | every synonym; a class is its best name    |
-| background         | a constant channel: 0.5, or 0.4 with PAMR | ``prob_thd`` 0.1 on VOC, Context-60, COCO-Object |
+| class names        | MMSegmentation's raw ``CLASSES`` (TCL's   | SCLIP's ``cls_*.txt``: every name of a class,  |
+|                    | own for VOC-20, COCO-Object), one a class | a class is its best name                    |
+| background         | a constant channel: 0.5, or 0.4 with PAMR | its names prompted (SCLIP's line 0), and    |
+|                    |                                           | ``prob_thd`` 0.1 on VOC, Context-60, COCO-Object |
 | PAMR (``--pamr``)  | per window, dilations 1-24                | on the whole image, dilations 8, 16         |
 
-Every setting can be overridden on the command line, and the result file records the values
-used. On the synthetic world, whose images are made for a 64-px model, every size is scaled
+The names are the peers' own files (``trainer/eval/classnames/tcl``, ``.../sclip``, tied to
+them by ``tests/test_peer_configs.py``); ``--names project`` prompts this project's
+(``trainer/eval/classnames/<dataset>.txt``) with background as a threshold only. Every setting
+can be overridden on the command line, and the result file records the values used. On the synthetic world, whose images are made for a 64-px model, every size is scaled
 by (the backbone's input size / 224): the same geometry relative to the model as a 224-px
 CLIP has on the real benchmarks.
 """
@@ -39,6 +43,8 @@ class Protocol:
     bg_threshold_pamr: float
     pamr_on: str  # "window" or "image"
     pamr_dilations: tuple[int, ...]
+    names: str  # the peers' class names it prompts: trainer/eval/classnames/<names>/
+    prompt_background: bool  # background's names prompted as a class (a threshold besides)
     short_side_city: int = 0  # Cityscapes' own short side (0: the same)
 
 
@@ -56,6 +62,8 @@ PROTOCOLS = {
         bg_threshold_pamr=0.4,
         pamr_on="window",
         pamr_dilations=TCL_DILATIONS,
+        names="tcl",
+        prompt_background=False,
     ),
     "sclip": Protocol(
         "sclip",
@@ -70,6 +78,8 @@ PROTOCOLS = {
         bg_threshold_pamr=0.1,
         pamr_on="image",
         pamr_dilations=SCLIP_DILATIONS,
+        names="sclip",
+        prompt_background=True,
         short_side_city=560,
     ),
 }

@@ -113,7 +113,9 @@ class DenseCLIP(nn.Module):
     def patch_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Normalised patch embeddings (B, h*w, d) of images (B, 3, H, W) in [0, 1]."""
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        stream, grid = self.backbone.before_last_block(x)
+        # The position embeddings reach the window's grid as the SCLIP family resizes them
+        # (its interpolate_pos_encoding, also ClearCLIP's for its MaskCLIP baseline).
+        stream, grid = self.backbone.before_last_block(x, resize="scale")
         visual = self.backbone.model.visual
         x = last_block(visual.transformer.resblocks[-1], stream, self.method, grid)
         x = self.backbone.project(x)  # ln_post, then the projection

@@ -99,7 +99,12 @@ class CLIPTowers(nn.Module):
     def blocks(self) -> int:
         return len(self.model.visual.transformer.resblocks)
 
-    def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+    def _position_embedding(self, grid_h: int, grid_w: int, resize: str = "size") -> torch.Tensor:
+        """The position embeddings for an (h, w) patch grid, bicubic from the trained g x g:
+        ``resize="size"`` samples at the output size's own scale (h/g, w/g); ``"scale"`` as
+        the SCLIP family's ``interpolate_pos_encoding`` does, with the scale factor
+        ((h + 0.1)/g, (w + 0.1)/g), which samples other source coordinates off the trained
+        grid."""
         pos = self.model.visual.positional_embedding  # (1 + g*g, W)
         g = int((pos.shape[0] - 1) ** 0.5)
         if (grid_h, grid_w) == (g, g):
@@ -108,20 +113,26 @@ class CLIPTowers(nn.Module):
         # Resampled in float32 at least (bicubic in half precision loses digits), never lower
         # than the weights' own precision.
         work = torch.promote_types(grid.dtype, torch.float32)
-        grid = F.interpolate(
-            grid.to(work), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-        )
+        if resize == "scale":
+            factor = ((grid_h + 0.1) / g, (grid_w + 0.1) / g)
+            grid = F.interpolate(grid.to(work), scale_factor=factor, mode="bicubic")
+        else:
+            grid = F.interpolate(
+                grid.to(work), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+            )
         grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
         return torch.cat([pos[:1], grid], dim=0)
 
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _embed(
+        self, images: torch.Tensor, resize: str = "size"
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch and position embeddings, CLS first, after ``ln_pre``: (B, 1 + h*w, W), (h, w)."""
         v = self.model.visual
         x = v.conv1(images)  # (B, W, h, w)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, W)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self._position_embedding(h, w).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self._position_embedding(h, w, resize).to(x.dtype)
         return v.ln_pre(x), (h, w)
 
     def _blocks(self, x: torch.Tensor, count: int, taps: tuple[int, ...] = ()):
@@ -189,10 +200,13 @@ class FrozenCLIP(CLIPTowers):
         return self._blocks(x, max(self.taps) + 1, self.taps)[0]
 
     @torch.no_grad()
-    def before_last_block(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def before_last_block(
+        self, images: torch.Tensor, resize: str = "size"
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """The residual stream entering the image tower's last block, (B, 1 + h*w, W), and
-        the patch grid: what the training-free methods change the last block on."""
-        x, grid = self._embed(images)
+        the patch grid: what the training-free methods change the last block on (``resize``:
+        how the position embeddings reach that grid, ``_position_embedding``)."""
+        x, grid = self._embed(images, resize)
         return self._blocks(x, self.blocks - 1)[1], grid
 
     @torch.no_grad()
