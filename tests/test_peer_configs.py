@@ -23,8 +23,8 @@ from trainer.methods.training_free import LOGIT_SCALE, NACLIP_STD
 PEERS = json.loads((Path(__file__).parent / "fixtures/peer_configs.json").read_text())
 TCL, SCLIP = PEERS["tcl"], PEERS["sclip"]
 
-# Where the common sclip protocol is not SCLIP's own config for that dataset (issue of record:
-# a per-dataset native protocol). (dataset, setting) -> SCLIP's value.
+# Where the common sclip protocol is not SCLIP's own config for that dataset, on purpose (it is
+# one protocol for every method): (dataset, setting) -> SCLIP's value.
 SCLIP_DIFFERS = {
     ("stuff", "short_side"): 448,  # cfg_coco_stuff164k.py; the common protocol keeps 336
     ("voc", "logit_scale"): 65,  # cfg_voc21.py; the methods keep their own 40
