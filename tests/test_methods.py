@@ -258,3 +258,60 @@ def test_training_free_position_embeddings_are_resized_as_the_peers_do(backbone,
         dim=-1,
     )
     torch.testing.assert_close(dense.patch_tokens(images)[0], want, rtol=0, atol=1e-12)
+
+
+def clearclip_padsize(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
+    """ClearCLIP's ``compute_padsize``: (left, right, top, bottom)."""
+    left, right, top, bottom = 0, 0, 0, 0
+    if w % patch:
+        lr = patch - (w % patch)
+        left, right = lr // 2, lr - lr // 2
+    if h % patch:
+        tb = patch - (h % patch)
+        top, bottom = tb // 2, tb - tb // 2
+    return left, right, top, bottom
+
+
+def _direct_scores(exact, x01: torch.Tensor, text: torch.Tensor, pad, method: str):
+    """A peer's forward_feature on one (padded) normalised crop, logits cut back to it."""
+    from trainer.methods.training_free import last_block
+
+    x = (x01 - exact.mean) / exact.std
+    if any(pad):
+        x = F.pad(x, pad)
+    stream, grid = exact.backbone.before_last_block(x, resize="scale")
+    blocks = exact.backbone.model.visual.transformer.resblocks
+    tokens = F.normalize(
+        exact.backbone.project(last_block(blocks[-1], stream, method, grid))[:, 1:], dim=-1
+    )
+    cos = (tokens @ text.T).transpose(1, 2).reshape(1, text.shape[0], *grid)
+    cos = F.interpolate(cos, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    left, _, top, _ = pad
+    return cos[:, :, top : top + x01.shape[-2], left : left + x01.shape[-1]]
+
+
+@pytest.mark.parametrize("method, mode", [("clearclip", "slide"), ("naclip", "whole")])
+def test_grids_that_are_not_patch_multiples_are_met_as_the_peers_meet_them(method, mode):
+    """ClearCLIP zero-pads a window of 44 x 60 (patch 8) around its centre and cuts the logits
+    back; NACLIP's whole-image path feeds 44 x 60 as it is (the convolution floors the grid
+    to 5 x 7) and stretches the logits over the image."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.eval.infer import InferConfig, Segmenter
+
+    single = FrozenCLIP("synseg-tiny", None, (1,), init_seed=7)
+    dense = DenseCLIP(single, method)
+    exact = DenseCLIP(copy.deepcopy(single).double(), method).double()
+    img = Image.fromarray(np.random.default_rng(6).integers(0, 255, (44, 60, 3), dtype=np.uint8))
+    cfg = InferConfig(mode=mode, short_side=44, long_side=0, window=64, stride=32, average="score")
+    names = [["grass"], ["sky"], ["a car"]]
+    got = Segmenter(dense, names, ["a photo of a {}."], cfg).name_probs(img, (44, 60))
+    x = torch.from_numpy(np.asarray(img).astype(np.float64) / 255).permute(2, 0, 1)[None]
+    text = exact.encode_classes([n[0] for n in names], ["a photo of a {}."]).double()
+    pad = clearclip_padsize(44, 60, 8) if method == "clearclip" else (0, 0, 0, 0)
+    assert (method == "clearclip") == any(pad)
+    want = torch.softmax(exact.scale * _direct_scores(exact, x, text, pad, method)[0], dim=0)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)

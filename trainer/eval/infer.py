@@ -179,10 +179,30 @@ class Segmenter:
         """The image as the protocol rescales it, (H, W, 3) uint8."""
         arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
         w, h = rescale_size(img.width, img.height, self.cfg.short_side, self.cfg.long_side)
-        if self.cfg.mode == "whole":  # the whole image must tile into patches
+        if self.cfg.mode == "whole":
             p = self.scorer.patch_size
-            w, h = max(p, round(w / p) * p), max(p, round(h / p) * p)
+            if self.scorer.floors_whole:  # as it is: the patch convolution floors the grid
+                w, h = max(p, w), max(p, h)
+            else:  # the whole image must tile into patches
+                w, h = max(p, round(w / p) * p), max(p, round(h / p) * p)
         return resize_bilinear(arr, w, h)
+
+    def _window_scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """The scorer's scores of windows (n, 3, h, w); for a scorer that pads its windows, a
+        window that is not a patch multiple is padded around its centre with the mean colour
+        (zeros once normalised) and the scores cut back to it."""
+        h, w = crops.shape[-2:]
+        p = self.scorer.patch_size
+        if self.cfg.mode == "whole" or not self.scorer.pads_windows or not (h % p or w % p):
+            return self.scorer.scores(crops, self.text).float()
+        t, ll = (-h % p) // 2, (-w % p) // 2
+        padded = (
+            self.scorer.mean.to(crops.dtype)
+            .expand(crops.shape[0], 3, h + (-h % p), w + (-w % p))
+            .clone()
+        )
+        padded[:, :, t : t + h, ll : ll + w] = crops
+        return self.scorer.scores(padded, self.text).float()[:, :, t : t + h, ll : ll + w]
 
     def _refine(self, image01: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """PAMR of maps (n, names, h, w) against images (n, 3, H, W) in [0, 1]."""
@@ -209,7 +229,7 @@ class Segmenter:
         for i in range(0, len(boxes), step):
             part = boxes[i : i + step]
             crops = torch.stack([x[:, y1:y2, x1:x2] for y1, x1, y2, x2 in part])
-            maps = self.scorer.scores(crops, self.text).float()  # (n, names, h, w)
+            maps = self._window_scores(crops)  # (n, names, h, w)
             if prob_avg:
                 maps = self.scorer.probabilities(maps, 1)
             if self.cfg.pamr == "window":

@@ -60,6 +60,13 @@ class Scorer(Protocol):
     mean: torch.Tensor  # (1, 3, 1, 1) the normalisation the model's images get (PAMR uses it)
     std: torch.Tensor
     patch_size: int
+    # How a grid that is not a patch multiple is met (the harness reads these):
+    # ``floors_whole``: in whole-image mode the image goes in as it is rescaled and the patch
+    # convolution floors the grid (the SCLIP family), instead of a resize to a patch multiple;
+    # ``pads_windows``: a window that is not a patch multiple is zero-padded (after the
+    # normalisation) around its centre and its scores cut back (ClearCLIP's compute_padsize).
+    floors_whole: bool
+    pads_windows: bool
 
     def encode_classes(self, names: list[str], templates: list[str]) -> torch.Tensor:
         """(names, d) one embedding per class name, from its prompts."""

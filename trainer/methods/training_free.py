@@ -96,6 +96,9 @@ class DenseCLIP(nn.Module):
             raise UserError(f"{method} is not one of the training-free methods {TRAINING_FREE}")
         self.backbone, self.method = backbone, method
         self.patch_size = backbone.patch_size
+        # The SCLIP family feeds a whole image as it is (the patch convolution floors the grid);
+        # ClearCLIP pads its windows to patch multiples (trainer.methods.base.Scorer).
+        self.floors_whole, self.pads_windows = True, method == "clearclip"
         self.scale = logit_scale or LOGIT_SCALE[method]
         mean, std = NORMALISE["clip"]
         # float64 constants, cast to the images' precision where used

@@ -202,6 +202,7 @@ class DecoderScorer:
         self.model, self.chunk = model, chunk
         self.mean, self.std = model.mean, model.std
         self.patch_size = model.backbone.patch_size
+        self.floors_whole = self.pads_windows = False  # the grid rounds to patches
 
     def encode_classes(self, names: list[str], templates: list[str]) -> torch.Tensor:
         emb = self.model.backbone.encode_text([t.format(n) for n in names for t in templates])

@@ -162,6 +162,7 @@ class ClusterScorer:
         self.model, self.scale = model, logit_scale
         self.mean, self.std = model.mean, model.std
         self.patch_size = model.patch_size
+        self.floors_whole = self.pads_windows = False  # the grid rounds to patches
 
     @torch.no_grad()
     def encode_classes(self, names: list[str], templates: list[str]) -> torch.Tensor:
