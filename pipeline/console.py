@@ -29,6 +29,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _say(e: UserError) -> None:
+    """A user's mistake as one red line on stderr."""
+    err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn a UserError into one red line on stderr and exit code 1."""
 
@@ -37,7 +42,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            _say(e)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             hint = getattr(e, "hint", "run the same command again to go on")
@@ -56,7 +61,7 @@ def run_app(app: Callable[[], Any]) -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _say(e)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # outside a command (while the options are parsed)
         err.print("[yellow]interrupted[/yellow]: run the same command again")

@@ -3,11 +3,12 @@
 The method is the run's (``trainer.methods``), or one named by ``method``: a training-free
 method on the run's frozen CLIP, or an untrained model of a preset. The result, with every
 setting that produced it, goes to ``eval-<dataset>.json`` and ``eval-<dataset>.md`` beside
-the checkpoint (``--output`` for an untrained model); another method, protocol, PAMR, subset or
-``--limit`` names both method and protocol and adds the rest (``eval-voc-naclip-sclip-pamr.json``,
-``result_stem``), and a name that holds a different evaluation is never replaced. ``subset`` also scores a subset of the classes
-(ViL-Seg's unseen classes: ``trainer/eval/subsets``), with all classes as candidates
-(``gzsl``) or only the subset's (``zsl``).
+the checkpoint (``--output`` for an untrained model); another method, protocol, PAMR, subset
+or ``--limit`` names both method and protocol and adds the rest
+(``eval-voc-naclip-sclip-pamr.json``, ``result_stem``), and a name that holds a different
+evaluation is never replaced. ``subset`` also scores a subset of the classes (ViL-Seg's
+unseen classes: ``trainer/eval/subsets``), with all classes as candidates (``gzsl``) or only
+the subset's (``zsl``).
 """
 
 from __future__ import annotations
@@ -370,9 +371,8 @@ def result_stem(cfg: EvalConfig, method: str, own: bool) -> str:
     """``eval-<dataset>`` for the model's own method under the default protocol (tcl), on all
     images, without PAMR or a class subset; else ``eval-<dataset>-<method>-<protocol>``, then
     ``-pamr``, ``-<subset>[-zsl]``, ``-project-names`` and ``-first<N>`` (``--limit``) as they
-    apply. Method and
-    protocol both stand in the long form, so a method and a protocol of the same name (sclip)
-    cannot give the same name."""
+    apply. Method and protocol both stand in the long form, so a method and a protocol of the
+    same name (sclip) cannot give the same name."""
     parts = [f"eval-{cfg.dataset}"]
     tail = []
     if cfg.pamr:

@@ -174,14 +174,15 @@ def _label(job: Job) -> np.ndarray:
 def _link_or_copy(src: Path, dst: Path) -> None:
     """A hard link where the file system allows it and the source already has the mode this
     umask gives (a link shares its source's mode), else a copy."""
-    linkable = (src.stat().st_mode & 0o777) == file_mode()
-    with atomic_path(dst, keep_mode=linkable) as tmp:
+    linked = (src.stat().st_mode & 0o777) == file_mode()
+    with atomic_path(dst, keep_mode=linked) as tmp:
         tmp.unlink()
-        try:
-            if not linkable:
-                raise OSError("another mode")
-            os.link(src, tmp)
-        except OSError:
+        if linked:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system
+                linked = False
+        if not linked:
             shutil.copyfile(src, tmp)  # a new file: the umask's mode
 
 
@@ -493,10 +494,9 @@ def _check_output(cfg: PrepareConfig, out: Path, jobs: list[Job], lists: dict) -
         )
 
 
-def _forget_changed(out: Path, dataset: str, jobs: list[Job]) -> int:
+def _forget_changed(out: Path, dataset: str, jobs: list[Job]) -> None:
     """Record each job's sources (before any job runs, so a killed run's outputs stay valid)
-    and remove the outputs of those whose sources changed since: they are made again.
-    Returns how many."""
+    and remove the outputs of those whose sources changed since: they are made again."""
     record = out / f"prepare-{dataset}.sources.json"
     try:
         old = json.loads(record.read_text()) if record.exists() else {}
@@ -509,7 +509,6 @@ def _forget_changed(out: Path, dataset: str, jobs: list[Job]) -> int:
         Path(j.image_out).unlink(missing_ok=True)
         Path(j.label_out).unlink(missing_ok=True)
     write_json(record, new)
-    return len(changed)
 
 
 def run_prepare(

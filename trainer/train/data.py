@@ -68,11 +68,10 @@ def find_shards(folder: str | Path) -> ShardSet:
             f"{folder} lacks {len(lost)} of the shards its sizes.json counts ({', '.join(lost[:3])}"
             f"{', ...' if len(lost) > 3 else ''}); pack again or restore them"
         )
-    urls = [str(folder / name) for name, n in counts.items() if n > 0]
-    if not urls:
-        raise UserError(f"{folder} holds no training samples")
     sizes_by_url = {str(folder / name): n for name, n in counts.items() if n > 0}
-    return ShardSet(urls=urls, samples=sum(counts.values()), sizes=sizes_by_url)
+    if not sizes_by_url:
+        raise UserError(f"{folder} holds no training samples")
+    return ShardSet(urls=list(sizes_by_url), samples=sum(counts.values()), sizes=sizes_by_url)
 
 
 def valid_labels(labels: object) -> bool:

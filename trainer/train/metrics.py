@@ -9,10 +9,10 @@ from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path
 
 
-def _records(path: Path) -> list[str]:
-    """The log's lines; a last line cut short by a kill is dropped, any other that is not a
-    record is refused in one line."""
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n")]
+def _records(path: Path) -> list[tuple[int, str]]:
+    """(step, line) of the log's lines; a last line cut short by a kill is dropped, any other
+    that is not a record is refused in one line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     out = []
     for n, line in enumerate(lines):
         if not line.strip():
@@ -27,7 +27,7 @@ def _records(path: Path) -> list[str]:
             raise UserError(
                 f"{path}, line {n + 1}, is not a metrics record: {line[:60]!r}"
             ) from None
-        out.append(line)
+        out.append((record["step"], line))
     return out
 
 
@@ -40,7 +40,7 @@ class MetricsLog:
             return
         path = run / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in _records(path) if json.loads(line)["step"] <= start_step]
+            kept = [line for step, line in _records(path) if step <= start_step]
             with atomic_path(path) as tmp:  # a kill here must not lose the kept lines
                 tmp.write_text("".join(f"{line}\n" for line in kept))
         self.file = path.open("a")

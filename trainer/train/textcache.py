@@ -116,7 +116,7 @@ class LabelCache:
                         self.save()
                         last = time.monotonic()
         except KeyboardInterrupt:
-            if self.folder is not None and (parts or done):
+            if self.folder is not None and parts:  # (what came before is saved already)
                 self._add(new, done, parts)
                 self.save()
             raise
