@@ -213,7 +213,7 @@ def test_sclip_labels_follow_sclips_rule_with_its_background_names(world, tmp_pa
         Image.open(shot).resize((64, 64)).save(root / f"JPEGImages/{i}.jpg")
     cfg = EvalConfig("voc", str(root), method="sclip", protocol="sclip", mode="whole")
     data = open_dataset("voc", root)
-    prompts, path = prompted_names(cfg, data)
+    prompts, path = prompted_names(cfg, data, cfg.protocol_of("sclip"))
     assert path == CLASSNAMES / "sclip/voc.txt" and len(prompts[0]) == 26
     model, train_cfg, _, method = build_model(None, "tiny", None, resolve_device("cpu"))
     infer = EvalConfig("voc", str(root), method="sclip", protocol="sclip", mode="whole").inference(
@@ -243,4 +243,4 @@ def test_sclip_labels_follow_sclips_rule_with_its_background_names(world, tmp_pa
     assert settings["names_file"].endswith("classnames/sclip/voc.txt")
     # --names project: this project's names, background a threshold only
     project = EvalConfig("voc", str(root), protocol="sclip", names="project")
-    assert prompted_names(project, data) == (data.classes, None)
+    assert prompted_names(project, data, project.protocol_of("sclip")) == (data.classes, None)

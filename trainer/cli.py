@@ -221,11 +221,20 @@ def eval_(
     ] = None,
     method: MethodOpt = None,
     protocol: Annotated[
-        str, typer.Option(help="tcl (TCL/GroupViT's harness) or sclip (SCLIP/NACLIP/ClearCLIP's)")
+        str,
+        typer.Option(
+            help="tcl (TCL/GroupViT's harness), sclip (SCLIP/NACLIP/ClearCLIP's), both common "
+            "to every method; or native (each method's own authors' config of the dataset)"
+        ),
     ] = "tcl",
     pamr: Annotated[
-        bool, typer.Option("--pamr", help="PAMR refinement, as the protocol applies it")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--pamr/--no-pamr",
+            help="PAMR refinement, as the protocol applies it (default: the protocol's; "
+            "native NACLIP's is on)",
+        ),
+    ] = None,
     templates: Annotated[
         str | None,
         typer.Option(
@@ -254,7 +263,9 @@ def eval_(
             "classes predicted, other pixels ignored"
         ),
     ] = "gzsl",
-    mode: Annotated[str, typer.Option(help="slide or whole")] = "slide",
+    mode: Annotated[
+        str | None, typer.Option(help="slide or whole (default: the protocol's)")
+    ] = None,
     short_side: Annotated[
         int, typer.Option(help="Short side after resizing (0: the protocol's)")
     ] = 0,
@@ -273,8 +284,18 @@ def eval_(
             help="Background where no class probability is above this (default: the protocol's)"
         ),
     ] = None,
+    area_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop a class given no more than this share of the foreground's pixels "
+            "(SCLIP's area_thd; 0: none; default: the protocol's)"
+        ),
+    ] = None,
     logit_scale: Annotated[
-        float, typer.Option(help="Softmax temperature of training-free cosines (0: the method's)")
+        float,
+        typer.Option(
+            help="Softmax temperature of training-free cosines (0: the protocol's, or the method's)"
+        ),
     ] = 0.0,
     output: Annotated[
         str | None,
@@ -311,6 +332,7 @@ def eval_(
         stride=stride,
         average=average,
         bg_threshold=bg_threshold,
+        area_threshold=area_threshold,
         logit_scale=logit_scale,
         output=output,
         device=device,

@@ -28,7 +28,7 @@ from trainer import methods
 from trainer.eval.datasets import CLASSNAMES, Dataset, open_dataset, read_classnames
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
 from trainer.eval.metrics import IGNORE, IoUAccumulator
-from trainer.eval.protocols import geometry, get_protocol
+from trainer.eval.protocols import Protocol, check_protocol, geometry, get_protocol
 
 SUBSETS = Path(__file__).parent / "subsets"
 SUBSET_MODES = ("gzsl", "zsl")
@@ -45,20 +45,22 @@ class EvalConfig:
     overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
     classes: str | None = None  # class file (default: trainer/eval/classnames/<dataset>.txt)
     method: str | None = None  # trainer.methods; None: the checkpoint's own (synseg without one)
-    protocol: str = "tcl"  # tcl or sclip (trainer.eval.protocols): the defaults below
-    pamr: bool = False  # PAMR refinement, where the protocol applies it
+    protocol: str = "tcl"  # tcl, sclip or native (trainer.eval.protocols): the defaults below
+    pamr: bool | None = None  # PAMR refinement, where the protocol applies it (None: its default)
     names: str = "protocol"  # prompted class names: the protocol's peers' (protocol) or project
     # Each of these, when given, replaces the protocol's value.
     templates: str | None = None  # prompt templates: a name in trainer/eval/templates or a file
-    mode: str = "slide"
+    mode: str | None = None  # slide or whole
     short_side: int = 0
     long_side: int | None = None  # 0: no cap
     window: int = 0
     stride: int = 0
     average: str | None = None  # prob or score
     bg_threshold: float | None = None
+    area_threshold: float | None = None  # SCLIP's area_thd (0: none)
     synonyms: bool | None = None
-    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the method's own)
+    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the protocol's, or
+    # the method's own)
     limit: int = 0  # evaluate only the first N images (0: all)
     subset: str | None = None  # also score these classes: a name in trainer/eval/subsets or a file
     subset_mode: str = "gzsl"  # gzsl: every class a candidate; zsl: only the subset's
@@ -69,7 +71,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.method is not None:
             check_weights(self.method, self.checkpoint, self.decoder_init)
-        get_protocol(self.protocol)
+        check_protocol(self.protocol)
+        if self.protocol == "native" and self.method is not None:
+            self.protocol_of(self.method)  # one line now for a method or dataset it lacks
         problems = []
         if self.names not in NAMES:
             problems.append(f"--names must be one of {', '.join(NAMES)}")
@@ -80,31 +84,43 @@ class EvalConfig:
                 problems.append(f"--{name.replace('_', '-')} must not be negative")
         if self.bg_threshold is not None and not 0 <= self.bg_threshold <= 1:
             problems.append("--bg-threshold must be in [0, 1]")
+        if self.area_threshold is not None and not 0 <= self.area_threshold < 1:
+            problems.append(f"--area-threshold must be in [0, 1), not {self.area_threshold}")
         if problems:
             raise UserError("; ".join(problems))
 
-    def inference(self, model_size: int) -> InferConfig:
-        """The protocol's settings on this dataset, with every given override applied."""
-        p = get_protocol(self.protocol)
+    def protocol_of(self, method: str | None) -> Protocol:
+        """The protocol on this dataset (``native``: ``method``'s own)."""
+        return get_protocol(self.protocol, method, self.dataset)
+
+    def uses_pamr(self, method: str | None = None) -> bool:
+        return self.protocol_of(method).pamr_default if self.pamr is None else self.pamr
+
+    def inference(self, model_size: int, method: str | None = None) -> InferConfig:
+        """The protocol's settings on this dataset (``native``: ``method``'s own), with every
+        given override applied."""
+        p = self.protocol_of(method)
+        pamr = self.uses_pamr(method)
         short, long, window, stride = geometry(p, self.dataset, model_size)
-        thr = p.bg_threshold_pamr if self.pamr else p.bg_threshold
+        thr = p.bg_threshold_pamr if pamr else p.bg_threshold
 
         def pick(given, default):
             return default if given is None else given
 
         window = self.window or (window if not self.short_side else min(window, self.short_side))
         return InferConfig(
-            mode=self.mode,
+            mode=self.mode or p.mode,
             short_side=self.short_side or short,
             long_side=pick(self.long_side, long),
             window=window,
             stride=self.stride or min(stride, window),
             average=pick(self.average, p.average),
             bg_threshold=pick(self.bg_threshold, thr),
+            area_threshold=pick(self.area_threshold, p.area_threshold),
             synonyms=pick(self.synonyms, p.synonyms),
-            pamr=p.pamr_on if self.pamr else "off",
+            pamr=p.pamr_on if pamr else "off",
             pamr_dilations=p.pamr_dilations,
-            logit_scale=self.logit_scale,
+            logit_scale=self.logit_scale or p.logit_scale,
         )
 
 
@@ -225,25 +241,39 @@ def subset_scores(acc: IoUAccumulator, keep: list[int], names: list[str]) -> dic
     }
 
 
-def run_eval(
-    cfg: EvalConfig,
-    on_start: Callable[[int], None] | None = None,
-    on_advance: Callable[[int], None] | None = None,
-) -> EvalResult:
-    device = resolve_device(cfg.device)
-    data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
-    keep = read_subset(cfg.subset, cfg.dataset, data.classes) if cfg.subset else None
-    prompts, names_file = prompted_names(cfg, data)
-    prompt_background = get_protocol(cfg.protocol).prompt_background and names_file is not None
-    classes, background, lut = prompts, data.spec.background, None
-    if keep is not None and cfg.subset_mode == "zsl":
-        classes, background, lut = [prompts[i] for i in keep], False, zsl_table(keep)
-    if cfg.bg_threshold is not None and not background:
-        raise UserError(
-            f"--bg-threshold sets when a pixel is background, and {cfg.dataset}"
-            f"{' under --subset-mode zsl' if data.spec.background else ''} has no background "
-            "class: leave it out"
-        )
+@dataclass
+class Scoring:
+    """What scores an evaluation: the model and method, the protocol resolved for them, and
+    the segmenter that prompts the classes."""
+
+    model: torch.nn.Module
+    train_cfg: object
+    checkpoint: Path | None
+    method: str
+    protocol: Protocol
+    infer: InferConfig
+    templates: list[str]
+    names_file: Path | None  # the peers' class file prompted (None: the dataset's own)
+    classes: list[list[str]]  # each scored class's prompted names
+    segmenter: Segmenter
+    lut: np.ndarray | None  # label values to the subset's (zsl), or None
+
+
+def _check_background_options(cfg: EvalConfig, data: Dataset, background: bool) -> None:
+    for given, option in ((cfg.bg_threshold, "bg"), (cfg.area_threshold, "area")):
+        if given is not None and not background:
+            raise UserError(
+                f"--{option}-threshold sets when a pixel is background, and {cfg.dataset}"
+                f"{' under --subset-mode zsl' if data.spec.background else ''} has no "
+                "background class: leave it out"
+            )
+
+
+def scoring(cfg: EvalConfig, data: Dataset, keep: list[int] | None, device) -> Scoring:
+    """The model, protocol and segmenter ``cfg`` scores ``data`` with (``keep``: a subset)."""
+    zsl = keep is not None and cfg.subset_mode == "zsl"
+    background = data.spec.background and not zsl
+    _check_background_options(cfg, data, background)
     model, train_cfg, ckpt, method = build_model(
         cfg.checkpoint,
         cfg.preset,
@@ -253,39 +283,52 @@ def run_eval(
         tuple(cfg.overrides),
         cfg.method,
     )
-    infer = cfg.inference(model.native_size)
-    templates = read_templates(cfg.templates or get_protocol(cfg.protocol).templates)
+    protocol = cfg.protocol_of(method)
+    classes, names_file = prompted_names(cfg, data, protocol)
+    prompt_background = protocol.prompt_background and names_file is not None
+    lut = None
+    if zsl:
+        classes, lut = [classes[i] for i in keep], zsl_table(keep)
+    infer = cfg.inference(model.native_size, method)
+    templates = read_templates(cfg.templates or protocol.templates)
     scorer = methods.scorer(method, model, train_cfg, infer)
     seg = Segmenter(scorer, classes, templates, infer, background, prompt_background)
-    acc, rate = _score(seg, data, len(classes), lut, on_start, on_advance)
+    return Scoring(
+        model, train_cfg, ckpt, method, protocol, infer, templates, names_file, classes, seg, lut
+    )
+
+
+def run_eval(
+    cfg: EvalConfig,
+    on_start: Callable[[int], None] | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> EvalResult:
+    device = resolve_device(cfg.device)
+    data = open_dataset(cfg.dataset, cfg.data_root, cfg.classes, cfg.limit)
+    keep = read_subset(cfg.subset, cfg.dataset, data.classes) if cfg.subset else None
+    sc = scoring(cfg, data, keep, device)
+    n_classes = len(sc.classes)
+    acc, rate = _score(sc.segmenter, data, n_classes, sc.lut, on_start, on_advance)
     # Results are keyed by this project's names, whatever was prompted.
-    names = [data.classes[i][0] for i in (keep if lut is not None else range(len(classes)))]
+    names = [data.classes[i][0] for i in (keep if sc.lut is not None else range(n_classes))]
     summary = acc.summary(names)
     if keep is not None:
-        scored = list(range(len(keep))) if lut is not None else keep
+        scored = list(range(len(keep))) if sc.lut is not None else keep
         summary["subset"] = {
             "name": cfg.subset,
             "mode": cfg.subset_mode,
             **subset_scores(acc, scored, names),
         }
-    kind = methods.info(method).kind
-    settings = {
-        **asdict(cfg),
-        "method": method,
-        "inference": asdict(infer),
-        "templates_used": templates,
-        "names_file": str(names_file) if names_file else None,
-        "prompt_background": prompt_background,
-        "checkpoint_folder": str(ckpt) if ckpt else None,
-        "model": asdict(train_cfg.model),
-        "normalisation": "clip" if kind == "training-free" else model.normalisation,
-        "torch": torch.__version__,
-        "device": str(device),
+    record = {
+        "dataset": cfg.dataset,
+        **summary,
+        "images_per_second": rate,
+        "settings": _settings(cfg, sc, device),
     }
-    record = {"dataset": cfg.dataset, **summary, "images_per_second": rate, "settings": settings}
-    out = Path(cfg.output) if cfg.output else (ckpt if ckpt is not None else Path("runs/untrained"))
-    own = method == train_cfg.method  # the model's own method (not a training-free one on it)
-    files = _write(out, result_stem(cfg, method, own), record)
+    out = cfg.output or sc.checkpoint or "runs/untrained"
+    own = sc.method == sc.train_cfg.method  # the model's own method, not a training-free one
+    stem = result_stem(cfg, sc.method, own, sc.infer.pamr != "off")
+    files = _write(Path(out), stem, record)
     return EvalResult(
         cfg.dataset,
         summary["mIoU"],
@@ -296,15 +339,37 @@ def run_eval(
         files,
         summary["per_class"],
         summary.get("subset"),
-        method,
+        sc.method,
     )
 
 
-def prompted_names(cfg: EvalConfig, data: Dataset) -> tuple[list[list[str]], Path | None]:
+def _settings(cfg: EvalConfig, sc: Scoring, device) -> dict:
+    """Every setting that produced a result, as its file records them."""
+    kind = methods.info(sc.method).kind
+    return {
+        **asdict(cfg),
+        "method": sc.method,
+        "inference": asdict(sc.infer),
+        "templates_used": sc.templates,
+        "names_file": str(sc.names_file) if sc.names_file else None,
+        "prompt_background": sc.segmenter.prompt_background,
+        "protocol_source": sc.protocol.source or None,
+        "logit_scale_used": getattr(sc.segmenter.scorer, "scale", None),
+        "checkpoint_folder": str(sc.checkpoint) if sc.checkpoint else None,
+        "model": asdict(sc.train_cfg.model),
+        "normalisation": "clip" if kind == "training-free" else sc.model.normalisation,
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+
+
+def prompted_names(
+    cfg: EvalConfig, data: Dataset, protocol: Protocol
+) -> tuple[list[list[str]], Path | None]:
     """The names each class is prompted by, and the peers' file they come from (None: the
     dataset's own class file or ``--classes``): ``--names protocol`` takes the protocol's
     (``trainer/eval/classnames/<protocol names>/<dataset>.txt``) where it has one."""
-    path = CLASSNAMES / get_protocol(cfg.protocol).names / f"{cfg.dataset}.txt"
+    path = CLASSNAMES / protocol.names / f"{cfg.dataset}.txt"
     if cfg.classes or cfg.names == "project" or not path.is_file():
         return data.classes, None
     prompts = read_classnames(path)
@@ -367,15 +432,15 @@ def _write(out: Path, stem: str, record: dict) -> list[str]:
     return [str(json_path), str(md_path)]
 
 
-def result_stem(cfg: EvalConfig, method: str, own: bool) -> str:
+def result_stem(cfg: EvalConfig, method: str, own: bool, pamr: bool) -> str:
     """``eval-<dataset>`` for the model's own method under the default protocol (tcl), on all
     images, without PAMR or a class subset; else ``eval-<dataset>-<method>-<protocol>``, then
-    ``-pamr``, ``-<subset>[-zsl]``, ``-project-names`` and ``-first<N>`` (``--limit``) as they
-    apply. Method and protocol both stand in the long form, so a method and a protocol of the
-    same name (sclip) cannot give the same name."""
+    ``-pamr`` (PAMR applied), ``-<subset>[-zsl]``, ``-project-names`` and ``-first<N>``
+    (``--limit``) as they apply. Method and protocol both stand in the long form, so a method
+    and a protocol of the same name (sclip) cannot give the same name."""
     parts = [f"eval-{cfg.dataset}"]
     tail = []
-    if cfg.pamr:
+    if pamr:
         tail.append("pamr")
     if cfg.subset:
         tail.append(Path(cfg.subset).stem + ("-zsl" if cfg.subset_mode == "zsl" else ""))
@@ -416,6 +481,7 @@ def markdown(record: dict) -> str:
         "decoder_init",
         "method",
         "protocol",
+        "protocol_source",
         "pamr",
         "data_root",
         "classes",

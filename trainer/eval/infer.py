@@ -107,6 +107,9 @@ class InferConfig:
     stride: int = 224  # sliding window stride
     average: str = "prob"  # what overlapping windows average: prob or score
     bg_threshold: float = 0.5  # background where no class probability is above this
+    # SCLIP's area_thd: a class given no more than this share of the pixels not background is
+    # dropped, and those pixels labelled again (0: none; datasets with a background only)
+    area_threshold: float = 0.0
     synonyms: bool = True  # every name of a class (its best scores), or only the first
     pamr: str = "off"  # off, window (each window's map) or image (the averaged map)
     pamr_iters: int = 10
@@ -134,6 +137,8 @@ class InferConfig:
             problems.append("pamr must be off, window or image")
         if not 0 <= self.bg_threshold <= 1:
             problems.append("--bg-threshold must be in [0, 1]")
+        if not 0 <= self.area_threshold < 1:
+            problems.append(f"--area-threshold must be in [0, 1), not {self.area_threshold}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale >= 0):
             problems.append(
                 f"--logit-scale must be a finite number, at least 0 (0: the method's own), "
@@ -256,9 +261,29 @@ class Segmenter:
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Label map (H, W) and class probabilities (C, H, W)."""
         act = self.class_probs(img, out_size)
+        if self.background and self.cfg.area_threshold:
+            act = self._drop_small_classes(act)
+        return self._labels(act).cpu().numpy(), act
+
+    def _labels(self, act: torch.Tensor) -> torch.Tensor:
+        """The label map of class probabilities (C, H, W), background's rule applied."""
         pred = act.argmax(0)
         if self.prompt_background:  # SCLIP: background where the best class is below prob_thd
             pred = torch.where(act.max(0).values < self.cfg.bg_threshold, 0, pred)
         elif self.background:  # a constant background channel first: it wins ties, as argmax does
             pred = torch.where(act.max(0).values <= self.cfg.bg_threshold, 0, pred + 1)
-        return pred.cpu().numpy(), act
+        return pred
+
+    def _drop_small_classes(self, act: torch.Tensor) -> torch.Tensor:
+        """SCLIP's ``area_thd``: the classes other than background that the label map gives
+        no more than ``area_threshold`` of the pixels it gives to any of them get probability
+        0, before background's threshold. SCLIP counts its argmax over every class, its prompted
+        background included; with a constant background channel, the argmax over that
+        channel and the classes (the label map) is counted."""
+        first = 1 if self.prompt_background else 0  # act's channel of label value 1
+        labels = act.argmax(0) if self.prompt_background else self._labels(act)
+        areas = torch.bincount(labels.flatten(), minlength=act.shape[0] + 1 - first)[1:]
+        keep = (areas > self.cfg.area_threshold * areas.sum()).to(act.dtype)
+        act = act.clone()
+        act[first:] *= keep[:, None, None]
+        return act

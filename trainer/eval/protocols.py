@@ -1,4 +1,5 @@
-"""The two evaluation protocols of the zero-shot segmentation literature, as presets.
+"""The evaluation protocols: two common ones of the zero-shot segmentation literature, and
+each method's own.
 
 | setting            | ``tcl`` (TCL, GroupViT; SynSeg's tables)  | ``sclip`` (SCLIP, NACLIP, ClearCLIP, ProxyCLIP) |
 |--------------------|-------------------------------------------|--------------------------------------------|
@@ -13,17 +14,24 @@
 |                    |                                           | ``prob_thd`` 0.1 on VOC, Context-60, COCO-Object |
 | PAMR (``--pamr``)  | per window, dilations 1-24                | on the whole image, dilations 8, 16         |
 
-The names are the peers' own files (``trainer/eval/classnames/tcl``, ``.../sclip``, tied to
-them by ``tests/test_peer_configs.py``); ``--names project`` prompts this project's
-(``trainer/eval/classnames/<dataset>.txt``) with background as a threshold only. Every setting
-can be overridden on the command line, and the result file records the values used. On the synthetic world, whose images are made for a 64-px model, every size is scaled
+The common protocols run every method under one harness, for side-by-side tables. ``native``
+scores each method as its own authors do: a training-free method with its repository's config
+of that benchmark (``trainer.methods.training_free.native_config``: per dataset its short side,
+windows or the whole image, temperature, ``prob_thd``, SCLIP's area threshold, PAMR and class
+files), a trained method under the common protocol its paper reports (SynSeg: ``tcl``).
+
+The names are the peers' own files (``trainer/eval/classnames/tcl``, ``.../sclip``,
+``.../clearclip``, tied to them by ``tests/test_peer_configs.py``); ``--names project`` prompts
+this project's (``trainer/eval/classnames/<dataset>.txt``) with background as a threshold only.
+Every setting can be overridden on the command line, and the result file records the values
+used. On the synthetic world, whose images are made for a 64-px model, every size is scaled
 by (the backbone's input size / 224): the same geometry relative to the model as a 224-px
 CLIP has on the real benchmarks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.errors import UserError
 from trainer.eval.pamr import SCLIP_DILATIONS, TCL_DILATIONS
@@ -46,6 +54,11 @@ class Protocol:
     names: str  # the peers' class names it prompts: trainer/eval/classnames/<names>/
     prompt_background: bool  # background's names prompted as a class (a threshold besides)
     short_side_city: int = 0  # Cityscapes' own short side (0: the same)
+    mode: str = "slide"  # slide or whole
+    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the method's own)
+    area_threshold: float = 0.0  # SCLIP's area_thd (0: none)
+    pamr_default: bool = False  # PAMR on unless --no-pamr
+    source: str = ""  # where a native protocol's values come from
 
 
 PROTOCOLS = {
@@ -85,10 +98,49 @@ PROTOCOLS = {
 }
 
 
-def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise UserError(f"unknown --protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+NAMES = (*PROTOCOLS, "native")
+
+
+def check_protocol(name: str) -> None:
+    if name not in NAMES:
+        raise UserError(f"unknown --protocol {name!r}; choose from {', '.join(NAMES)}")
+
+
+def get_protocol(name: str, method: str | None = None, dataset: str | None = None) -> Protocol:
+    """The protocol ``name``; ``native`` is ``method``'s own on ``dataset``."""
+    check_protocol(name)
+    if name != "native":
+        return PROTOCOLS[name]
+    if method is None or dataset is None:
+        raise ValueError("the native protocol is a method's on a dataset")
+    from trainer import methods
+
+    own = methods.native(method, dataset)
+    if isinstance(own, str):  # a trained method: the common protocol its paper reports under
+        return replace(
+            PROTOCOLS[own], name="native", source=f"{method}'s paper: the {own} protocol"
+        )
+    return Protocol(
+        "native",
+        short_side=own.short_side,
+        long_side=own.long_side,
+        window=own.window or own.short_side,  # unused in whole-image mode
+        stride=own.stride or own.short_side,
+        templates=own.templates,
+        average="score",
+        synonyms=True,
+        bg_threshold=own.prob_thd,
+        bg_threshold_pamr=own.prob_thd,
+        pamr_on="image",
+        pamr_dilations=own.pamr_dilations,
+        names=own.names,
+        prompt_background=True,
+        mode="slide" if own.window else "whole",
+        logit_scale=own.logit_scale,
+        area_threshold=own.area_thd,
+        pamr_default=own.pamr,
+        source=own.source,
+    )
 
 
 def geometry(p: Protocol, dataset: str, model_size: int) -> tuple[int, int, int, int]:

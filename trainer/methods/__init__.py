@@ -28,6 +28,9 @@ class MethodInfo:
     summary: str  # one line, for ``synseg-train methods``
     module: str  # the package or module that implements it
     model: str = ""  # weights: the trained method whose model it scores
+    # the common protocol its paper reports under (what --protocol native scores it under);
+    # a training-free method's own configs are in training_free.NATIVE_*
+    protocol: str = ""
 
 
 REGISTRY: dict[str, MethodInfo] = {
@@ -39,6 +42,7 @@ REGISTRY: dict[str, MethodInfo] = {
             "SynSeg: CLIPSeg decoder with FiLM on a frozen CLIP, Feature Synergy Structure, "
             "MCCL on caption noun phrases",
             "trainer.methods.synseg",
+            protocol="tcl",  # SynSeg's tables: TCL's harness
         ),
         MethodInfo(
             "vilseg",
@@ -90,6 +94,22 @@ def info(name: str) -> MethodInfo:
     if name not in REGISTRY:
         raise UserError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def native(name: str, dataset: str):
+    """What ``--protocol native`` scores ``name`` under on ``dataset``: its authors' own config
+    (a ``training_free.Native``), or the name of the common protocol its paper reports under."""
+    m = info(name)
+    if m.protocol:
+        return m.protocol
+    if m.kind == "training-free":
+        from trainer.methods.training_free import native_config
+
+        return native_config(name, dataset)
+    raise UserError(
+        f"{name}'s paper does not give the protocol behind its figures (resolution, windows, "
+        "background): score it under --protocol tcl or sclip"
+    )
 
 
 def trained(name: str):

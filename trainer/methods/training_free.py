@@ -20,9 +20,16 @@ embedding L2-normalised, averaged over the templates and normalised again (the S
 text side). Images are normalised with CLIP's mean and std whatever the decoder was trained
 with. ``DenseCLIP`` is their inference (``trainer.methods.base.Scorer``): cosine scores per patch,
 turned into probabilities by a softmax with the method's own temperature.
+
+``native_config`` is how each method's authors score a benchmark (``eval --protocol native``):
+their repository's ``configs/cfg_<dataset>.py`` over their segmentor's defaults, written here
+as those defaults (``NATIVE_BASE``) and what each dataset's config changes
+(``NATIVE_DATASETS``), tied to the files by ``tests/test_native.py``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,112 @@ TRAINING_FREE = ("maskclip", "sclip", "clearclip", "naclip")
 # Softmax temperature of the cosine scores, as each method's own evaluation sets it.
 LOGIT_SCALE = {"maskclip": 40.0, "sclip": 40.0, "clearclip": 50.0, "naclip": 40.0}
 NACLIP_STD = 5.0  # NACLIP's Gaussian width, in patches
+
+
+@dataclass(frozen=True)
+class Native:
+    """A training-free method's own evaluation of one benchmark: its repository's
+    ``configs/cfg_<dataset>.py`` over its segmentor's defaults (``--protocol native``)."""
+
+    source: str  # repository@commit and config file
+    short_side: int  # mmcv's Resize(scale=(long, short), keep_ratio=True)
+    long_side: int
+    window: int  # slide_crop (0: the whole image at once)
+    stride: int  # slide_stride
+    logit_scale: float
+    prob_thd: float  # background where the best class's probability is below this
+    area_thd: (
+        float  # SCLIP's area_thd: a class covering less of the foreground is dropped (0: none)
+    )
+    pamr: bool  # pamr_steps > 0 by default
+    pamr_dilations: tuple[int, ...]  # pamr_stride
+    names: str  # the class files it prompts: trainer/eval/classnames/<names>/
+    templates: str  # its prompts: trainer/eval/templates/<templates>.txt
+
+
+# Each repository's segmentor defaults, then what each dataset's config changes. The commits
+# are those the values were read at; tests/test_peer_configs.py ties every value to the files.
+NATIVE_REPOSITORIES = {
+    "sclip": "wangf3014/SCLIP@b56bd30",
+    "naclip": "sinahmr/NACLIP@0cac3a6",
+    "clearclip": "mc-lan/ClearCLIP@ad68a40",
+}
+NATIVE_CONFIG_FILES = {
+    "voc": "cfg_voc21.py",
+    "voc20": "cfg_voc20.py",
+    "context": "cfg_context59.py",
+    "context60": "cfg_context60.py",
+    "object": "cfg_coco_object.py",
+    "stuff": "cfg_coco_stuff164k.py",
+    "city": "cfg_city_scapes.py",
+    "ade": "cfg_ade20k.py",
+}
+_SCLIP_BASE = dict(
+    short_side=336,
+    long_side=2048,
+    window=224,
+    stride=112,
+    logit_scale=40.0,
+    prob_thd=0.0,
+    area_thd=0.0,
+    pamr=False,
+    pamr_dilations=(8, 16),
+    names="sclip",
+    templates="imagenet80",  # openai_imagenet_template, in each repository's prompts/
+)
+NATIVE_BASE = {
+    "sclip": _SCLIP_BASE,
+    # NACLIP's segmentor runs PAMR (10 steps) unless told not to; its README's figures have it
+    # on (test_all.sh ... on). Its class files are SCLIP's.
+    "naclip": {**_SCLIP_BASE, "pamr": True},
+    "clearclip": {
+        **_SCLIP_BASE,
+        "short_side": 448,
+        "window": 448,
+        "stride": 224,
+        "logit_scale": 50.0,
+        "names": "clearclip",
+    },
+}
+NATIVE_DATASETS = {
+    "sclip": {
+        "voc": dict(logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
+        "context60": dict(logit_scale=50.0, prob_thd=0.1),
+        "object": dict(logit_scale=50.0, prob_thd=0.1),
+        "stuff": dict(short_side=448),
+        "city": dict(short_side=560),
+    },
+    "naclip": {
+        "voc": dict(prob_thd=0.1, window=0),
+        "voc20": dict(window=0),
+        "context60": dict(prob_thd=0.1),
+        "object": dict(prob_thd=0.1),
+        "city": dict(short_side=560),
+    },
+    "clearclip": {
+        "voc": dict(prob_thd=0.5),
+        "context60": dict(prob_thd=0.15),
+        "object": dict(prob_thd=0.4),
+        "city": dict(window=224),  # its stride stays 224
+    },
+}
+
+
+def native_config(method: str, dataset: str) -> Native:
+    """``method``'s own evaluation of ``dataset``; one line for what has none."""
+    if method not in NATIVE_BASE:
+        raise UserError(
+            f"{method}'s published figures come from its own harness, which this toolkit does "
+            "not transcribe: score it under --protocol sclip or tcl"
+        )
+    if dataset not in NATIVE_CONFIG_FILES:
+        raise UserError(
+            f"--protocol native takes {method}'s own config of a benchmark "
+            f"({', '.join(NATIVE_CONFIG_FILES)}); {dataset} has none: use --protocol sclip or tcl"
+        )
+    values = {**NATIVE_BASE[method], **NATIVE_DATASETS[method].get(dataset, {})}
+    source = f"{NATIVE_REPOSITORIES[method]} configs/{NATIVE_CONFIG_FILES[dataset]}"
+    return Native(source=source, **values)
 
 
 def neighbourhood(grid: tuple[int, int], std: float, dtype, device) -> torch.Tensor:
