@@ -30,8 +30,8 @@ import pyarrow as pa
 import webdataset as wds
 from PIL import Image
 
-from pipeline.fsutil import write_parquet
-from pipeline.pack import VOCABULARY
+from synseg.fsutil import write_parquet
+from synseg.shards import VOCABULARY
 from trainer.train.config import resolve
 from trainer.train.loop import run_train
 

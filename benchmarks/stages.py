@@ -40,8 +40,8 @@ def make_raw(folder: Path, captions: int, per_shard: int, images: int) -> None:
     the first ``images`` samples (0: captions only, all extract-nouns and filter read)."""
     import tarfile
 
-    from pipeline.download import uid_of
     from pipeline.world import render
+    from synseg.shards import uid_of
 
     folder.mkdir(parents=True)
     for shard, start in enumerate(range(0, captions, per_shard)):

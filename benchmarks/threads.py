@@ -64,7 +64,7 @@ def measure(procs: int, threads: int, steps: int) -> float:
 
 
 def main() -> None:
-    from pipeline.cores import available_cores
+    from synseg.cores import available_cores
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])

@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.console import err, handle_errors, out, print_result, progress, run_app, summary
-from pipeline.errors import UserError
+from synseg.console import err, handle_errors, out, print_result, progress, run_app, summary
+from synseg.errors import UserError
 
 app = typer.Typer(
     help="SynSeg data pipeline: CC12M-style URL list -> noun-phrase labels -> WebDataset shards.",
@@ -336,7 +336,7 @@ def inspect(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Query the manifests with DuckDB, or print a named report."""
-    from pipeline.inspect import InspectConfig, run_inspect
+    from pipeline.inspection import InspectConfig, run_inspect
 
     if fmt not in ("table", "csv", "json"):
         raise UserError("--format must be table, csv or json")
@@ -371,7 +371,7 @@ def demo(
 ) -> None:
     """Run every stage on the synthetic world (offline) into the default paths."""
     from pipeline.demo import DemoConfig, run_demo
-    from pipeline.inspect import InspectConfig, run_inspect
+    from pipeline.inspection import InspectConfig, run_inspect
 
     t = time.time()
     run_demo(

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipeline.cores import available_cores, parallel_map
-from pipeline.errors import UserError
+from synseg.cores import available_cores, parallel_map
+from synseg.errors import UserError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -20,7 +20,6 @@ Our own bookkeeping lives in ``<output>/_synseg/`` (img2dataset treats every top
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, describe_diff, file_digest, read_parquet, write_json
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path, describe_diff, file_digest, read_parquet, write_json
+from synseg.shards import uid_of
 
 DISTRIBUTORS = ("local", "multiprocessing", "pyspark", "ray")  # local: multiprocessing
 META = "_synseg"
@@ -111,11 +111,6 @@ class DownloadStats:
     failed: int = 0  # unique uids that never succeeded
     failure_reasons: dict[str, int] = field(default_factory=dict)
     log: str = ""
-
-
-def uid_of(url: str) -> str:
-    """A stable id for a row: the first 16 hex digits of the SHA-1 of its URL."""
-    return hashlib.sha1(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the URL list

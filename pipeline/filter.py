@@ -22,10 +22,10 @@ from pathlib import Path
 import ahocorasick
 import pyarrow as pa
 
-from pipeline.cores import default_processes
 from pipeline.distribute import distribution, run_jobs
-from pipeline.errors import UserError
-from pipeline.fsutil import (
+from synseg.cores import default_processes
+from synseg.errors import UserError
+from synseg.fsutil import (
     check_done,
     file_digest,
     output_dir,

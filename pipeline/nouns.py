@@ -26,11 +26,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.cores import default_processes, worker_ignores_sigint
 from pipeline.distribute import Distribution, distribution, run_jobs
 from pipeline.download import done_shards
-from pipeline.errors import UserError
-from pipeline.fsutil import (
+from synseg.cores import default_processes, worker_ignores_sigint
+from synseg.errors import UserError
+from synseg.fsutil import (
     check_done,
     file_digest,
     output_dir,

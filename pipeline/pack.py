@@ -9,7 +9,8 @@ records the SHA-1 of the raw and labels Parquet files it was made from: a shard 
 filtered again is packed again, and the phrases the shard's images carry. At the end,
 ``vocabulary.parquet`` lists every label phrase of the training shards with its image count
 (the trainer's set of negatives and the phrases ``synseg-train encode-labels`` encodes), then
-``sizes.json`` maps every training shard to its sample count and marks the folder complete.
+``sizes.json`` maps every training shard to its sample count and marks the folder complete (the
+folder's contract with the trainer is ``synseg.shards``).
 
 Images that cannot be decoded are skipped and counted, never fatal. A raw tar that lacks
 samples its Parquet says were downloaded (a truncated file) is not packed: the run ends with
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -31,11 +31,11 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.cores import default_processes
 from pipeline.distribute import distribution, run_jobs
 from pipeline.download import done_shards
-from pipeline.errors import UserError
-from pipeline.fsutil import (
+from synseg.cores import default_processes
+from synseg.errors import UserError
+from synseg.fsutil import (
     TMP_SUFFIX,
     clean_stale,
     file_digest,
@@ -44,12 +44,16 @@ from pipeline.fsutil import (
     write_json,
     write_parquet,
 )
+from synseg.shards import (
+    SAFE_UID,
+    SIZES,
+    VOCABULARY,
+    sample_json,
+    shard_name,
+    shard_pattern,
+)
 
 RESIZE_MODES = ("center_crop", "shorter_side", "stretch")
-# A uid becomes a tar member name (<uid>.jpg): no separators, no dots (WebDataset splits the
-# key from the extension at the first dot), nothing a shell or a file system treats specially.
-SAFE_UID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-VOCABULARY = "vocabulary.parquet"  # phrase (sorted), images
 
 
 @dataclass
@@ -161,14 +165,15 @@ def _tar_bytes(sizes: list[int]) -> int:
 
 
 class _Parts:
-    """Writes samples into PREFIX-000.tar, PREFIX-001.tar, ... bounded by count and real size.
+    """Writes a raw shard's samples into its training shards (``shard_name``: part 000, 001,
+    ...), each bounded by a sample count and its real size.
 
     (webdataset's ShardWriter bounds payload bytes only; with small images the tar headers and
     padding make a file several times larger than asked.)
     """
 
-    def __init__(self, folder: Path, prefix: str, max_count: int, max_bytes: int) -> None:
-        self.folder, self.prefix = folder, prefix
+    def __init__(self, folder: Path, raw_shard: str, max_count: int, max_bytes: int) -> None:
+        self.folder, self.raw_shard = folder, raw_shard
         self.max_count, self.max_bytes = max_count, max_bytes
         self.counts: dict[str, int] = {}
         self.writer = None
@@ -184,7 +189,7 @@ class _Parts:
         )
         if self.writer is None or full:
             self.close()
-            self.name = f"{self.prefix}-{len(self.counts):03d}.tar"
+            self.name = shard_name(self.raw_shard, len(self.counts))
             # An integer mtime keeps tarfile from adding a PAX header to every member (a float
             # mtime costs 1 KiB a file) and makes the shards reproducible byte for byte.
             self.writer = wds.TarWriter(str(self.folder / self.name), mtime=0)
@@ -229,14 +234,14 @@ class PackShard:
             r["status"] == "success" and "jpg" not in samples.get(r["key"], {}) for r in status
         )
         if result.missing:  # not packed, not marked done: run_pack names it
-            for stale in cfg.output.glob(f"train-{sid}-*.tar"):
+            for stale in cfg.output.glob(shard_pattern(sid)):
                 stale.unlink()  # parts of an earlier packing of this shard's older download
             (cfg.output / "_pack" / f"{sid}.json").unlink(missing_ok=True)
             return result
         tmp = cfg.output / f".pack-{sid}{TMP_SUFFIX}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with _Parts(tmp, f"train-{sid}", cfg.max_count, cfg.max_bytes) as sink:
+        with _Parts(tmp, sid, cfg.max_count, cfg.max_bytes) as sink:
             for key in sorted(samples):
                 sample = samples[key]
                 row = labels.get(key)
@@ -254,13 +259,13 @@ class PackShard:
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=cfg.quality)
                 caption = sample.get("txt", b"").decode("utf-8", "replace")
-                meta = {"labels": row["labels"], "caption": caption, "uid": row["uid"], "key": key}
-                sink.write(row["uid"], {"jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
+                meta = sample_json(row["labels"], caption, row["uid"], key)
+                sink.write(row["uid"], {"jpg": buf.getvalue(), "json": meta})
                 result.written += 1
                 for phrase in set(row["labels"]):
                     result.phrases[phrase] = result.phrases.get(phrase, 0) + 1
         # Parts of an earlier, interrupted or overwritten packing of this raw shard go first.
-        for stale in cfg.output.glob(f"train-{sid}-*.tar"):
+        for stale in cfg.output.glob(shard_pattern(sid)):
             stale.unlink()
         for name, n in sink.counts.items():
             (tmp / name).replace(cfg.output / name)
@@ -361,7 +366,7 @@ def _pack_all(
     vocab = sorted(phrases)
     table = pa.table({"phrase": vocab, "images": [phrases[v] for v in vocab]})
     write_parquet(cfg.output / VOCABULARY, table)  # before sizes.json, which marks the end
-    write_json(cfg.output / "sizes.json", dict(sorted(sizes.items())))
+    write_json(cfg.output / SIZES, dict(sorted(sizes.items())))
     stats.shards = len(sizes)
     stats.samples = sum(sizes.values())
     if incomplete:

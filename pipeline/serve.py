@@ -11,8 +11,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
 from pipeline.world import load_world
+from synseg.errors import UserError
 
 # Connections the kernel queues while every handler thread is busy starting. The standard
 # library's 5 drops the SYNs of a 64-thread download, whose clients then time out.

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, write_json
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path, write_json
 
 WORLD_VERSION = 2
 BACKGROUNDS = ("grass", "sand", "water", "snow", "road", "wall", "lava", "carpet")

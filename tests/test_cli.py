@@ -104,7 +104,7 @@ def test_every_command_has_help():
 
 
 def test_trainer_command_line_does_not_import_the_data_command_line():
-    """The two command lines share pipeline.console; synseg-train never loads synseg-data's."""
+    """The two command lines share synseg.console; synseg-train never loads synseg-data's."""
     code = "import sys, trainer.cli; print('pipeline.cli' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

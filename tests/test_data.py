@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.model.backbone import FrozenCLIP
 from trainer.train.data import ShardStream, find_shards
 from trainer.train.textcache import LabelCache

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.eval.datasets import open_dataset
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.model.compat import ensure_torchvision  # noqa: E402
 from trainer.model.decoder import CLIPSegDecoder, DecoderConfig, guess_config, load_decoder_state
 

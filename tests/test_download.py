@@ -18,11 +18,11 @@ from pipeline.download import (
     read_status,
     read_url_list,
     run_download,
-    uid_of,
 )
-from pipeline.errors import UserError
 from pipeline.serve import _QuietHandler, free_port, make_server
 from pipeline.world import load_world, write_url_list
+from synseg.errors import UserError
+from synseg.shards import uid_of
 
 
 def successes(raw: Path) -> list[str]:
@@ -253,7 +253,7 @@ def test_retry_failed_fetches_only_the_failures(world, tmp_path):
 
     # The status report counts uids by their best outcome, not rows: a uid that failed first
     # and succeeded on retry is one success, and a dead URL tried twice is one failure.
-    from pipeline.inspect import InspectConfig, run_inspect
+    from pipeline.inspection import InspectConfig, run_inspect
 
     res = run_inspect(InspectConfig(report="download-status", raw=out, limit=50))
     by_status: dict[str, int] = {}

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.cli import app
 from trainer.eval.infer import InferConfig, Segmenter, read_templates
 from trainer.methods.synseg.model import DecoderScorer
@@ -286,3 +286,43 @@ def test_activation_map_outlines_the_thresholded_region():
     o = np.asarray(overlay(img, act, ["cat", "dog"], 0.5))
     assert (o[55, 55] != o[90, 10]).any()  # the cat square is tinted, the rest (dog at 0.2) is not
     assert (o[90, 10] == 128).all()
+
+
+def test_the_python_api_segments_as_eval_does(world, checkpoint):
+    """``trainer.load(run).segment(image, classes)``: the labels and probabilities of eval's
+    segmenter under the same protocol; background by the protocol's threshold; a
+    training-free method; input refused in one line."""
+    import numpy as np
+
+    import trainer
+    from trainer import methods
+    from trainer.eval.evaluate import EvalConfig, build_model, resolve_device
+    from trainer.eval.infer import Segmenter, read_templates
+
+    img = world / "VOC2012" / "JPEGImages" / "val_000000.jpg"
+    seg = trainer.load(checkpoint, device="cpu", dataset="world")
+    classes = ["grass", ["sea", "water"], "ball"]
+    labels, probs = seg.segment(img, classes)
+    w, h = Image.open(img).size
+    assert labels.shape == (h, w) and probs.shape == (3, h, w)
+    model, train_cfg, _, method = build_model(str(checkpoint), "tiny", None, resolve_device("cpu"))
+    infer = EvalConfig("world", str(world)).inference(model.native_size, method)
+    scorer = methods.scorer(method, model, train_cfg, infer)
+    want, act = Segmenter(
+        scorer, [["grass"], ["sea", "water"], ["ball"]], read_templates("tcl9"), infer
+    ).predict(Image.open(img), (h, w))
+    assert np.array_equal(labels, want) and torch.allclose(probs, act.cpu())
+    labels_bg, probs_bg = seg.segment(img, ["grass", "ball"], background=True)
+    top = probs_bg.max(0)
+    expected = torch.where(top.values <= infer.bg_threshold, 0, top.indices + 1).numpy()
+    assert np.array_equal(labels_bg, expected) and probs_bg.shape == (2, h, w)
+    free = trainer.load(method="sclip", protocol="sclip", dataset="world", device="cpu")
+    labels_tf, probs_tf = free.segment(np.asarray(Image.open(img)), ["grass", "sky"])
+    assert free.method == "sclip" and labels_tf.shape == (h, w)
+    assert torch.allclose(probs_tf.sum(0), torch.ones(h, w), atol=1e-5)  # one softmax
+    with pytest.raises(UserError, match="at least one class"):
+        seg.segment(img, [])
+    with pytest.raises(UserError, match="takes no setting windows"):
+        trainer.load(checkpoint, windows=3)
+    with pytest.raises(UserError, match="must be \\(H, W, 3\\) uint8"):
+        seg.segment(np.zeros((4, 4)), ["grass"])

@@ -65,8 +65,8 @@ def test_the_worlds_caption_noise_leaves_no_label(labels):
     """What the generic list keeps of the world's captions (real spaCy, the world's noise
     prefixes and suffixes) are its class names, alone or after a colour, and CC12M's person
     placeholder: no direction, view, unit or the bare nouns they leave ("side", "part")."""
-    from pipeline.fsutil import read_parquet
     from pipeline.world import COLOURS
+    from synseg.fsutil import read_parquet
 
     kept = {
         label

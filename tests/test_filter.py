@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import UserError
 from pipeline.filter import FilterConfig, Matcher, filter_table, read_terms, run_filter
+from synseg.errors import UserError
 
 
 def table(rows):
@@ -235,7 +235,7 @@ def test_top_k_is_the_k_most_frequent_labels_after_exclusion(tmp_path):
 def test_labels_recorded_the_older_way_are_made_again_not_refused(nouns, labels, tmp_path):
     """Labels written when each list's SHA-1 was a setting: the same lists and rules are made
     again (a checkout that updates, then runs make demo, goes on); other rules stay refused."""
-    from pipeline.fsutil import read_parquet, read_settings, write_parquet
+    from synseg.fsutil import read_parquet, read_settings, write_parquet
 
     out = tmp_path / "labels"
     shutil.copytree(labels, out)

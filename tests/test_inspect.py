@@ -1,9 +1,9 @@
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.inspect import InspectConfig, run_inspect
+from pipeline.inspection import InspectConfig, run_inspect
 from pipeline.world import load_world
+from synseg.errors import UserError
 
 
 @pytest.fixture()

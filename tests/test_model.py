@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.methods.synseg.losses import LossConfig, MCCLoss
 from trainer.methods.synseg.model import ModelConfig, SynSeg
 from trainer.model.backbone import FrozenCLIP

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.eval.datasets import CLASSNAMES, SPECS, open_dataset, read_classnames
 from trainer.eval.evaluate import EvalConfig, result_stem, scoring
 from trainer.eval.infer import InferConfig, read_templates, rescale_size, resize_bilinear

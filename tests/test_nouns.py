@@ -4,7 +4,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.download import read_status
-from pipeline.errors import UserError
 from pipeline.nouns import (
     Extractor,
     NounsConfig,
@@ -14,6 +13,7 @@ from pipeline.nouns import (
     phrases_of,
     run_extract_nouns,
 )
+from synseg.errors import UserError
 
 # Captions and the phrases Algorithm 1 gives with en_core_web_sm 3.8 (checked by hand: the
 # NOUN tokens of each noun chunk, joined, lower-cased, deduplicated in first-seen order).

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.errors import UserError
 from pipeline.pack import PackConfig, run_pack
+from synseg.errors import UserError
 
 
 def read_back(folder):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from tests.test_classnames import REFERENCE, same_class
 from trainer.cli import app
 from trainer.eval.datasets import open_dataset

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.errors import UserError
 from pipeline.filter import FilterConfig, run_filter
 from pipeline.nouns import NounsConfig, run_extract_nouns
 from pipeline.pack import PackConfig, run_pack
+from synseg.errors import UserError
 
 RAY = {"distributor": "ray", "processes": 2}
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer import methods
 from trainer.methods.synseg.losses import MCCLoss
 from trainer.methods.synseg.model import SynSeg
@@ -118,6 +118,7 @@ def test_the_loop_eval_and_demo_import_no_method_package():
         *(ROOT / "trainer/eval").glob("*.py"),
         ROOT / "trainer/world/demo.py",
         ROOT / "trainer/world/report.py",
+        ROOT / "trainer/world/rows.py",
         ROOT / "trainer/cli.py",
     ]
     for path in files:
@@ -141,7 +142,7 @@ def test_every_trained_method_gives_the_whole_contract():
 
 
 def test_methods_and_presets_commands_list_what_exists(monkeypatch):
-    from pipeline.console import out
+    from synseg.console import out
     from trainer.cli import app
 
     monkeypatch.setattr(out, "width", 400)  # one table row a line

@@ -26,13 +26,13 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.download import DownloadConfig, read_status, read_url_list, run_download
-from pipeline.errors import UserError
 from pipeline.filter import FilterConfig, run_filter
-from pipeline.fsutil import write_json
 from pipeline.nouns import AUTO_MODELS, NounsConfig, resolve_model
 from pipeline.pack import PackConfig, run_pack
 from pipeline.serve import free_port
 from pipeline.world import load_world
+from synseg.errors import UserError
+from synseg.fsutil import write_json
 
 runner = CliRunner()
 PACK = dict(image_size=48, max_count=25)  # the settings of the session's `shards` fixture
@@ -257,7 +257,7 @@ def test_checkpoints_and_safetensors_honour_the_umask(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.fsutil import atomic_path
+    from synseg.fsutil import atomic_path
     from trainer.train.checkpoint import save
 
     class Tiny(torch.nn.Linear):

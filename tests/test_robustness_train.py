@@ -19,7 +19,7 @@ from cli_checks import one_error_line
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.cli import app, picture_stems
 from trainer.train import checkpoint
 from trainer.train.config import resolve

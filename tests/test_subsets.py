@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.eval.datasets import CLASSNAMES, read_classnames
 from trainer.eval.evaluate import EvalConfig, read_subset, run_eval
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.train.checkpoint import load_model
 from trainer.train.config import resolve
 from trainer.train.loop import run_train

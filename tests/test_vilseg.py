@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.methods.vilseg.losses import (
     LossConfig,
     Objective,

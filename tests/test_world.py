@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import UserError
 from pipeline.world import (
     BACKGROUNDS,
     CLASSES,
@@ -15,6 +14,7 @@ from pipeline.world import (
     render,
     run_world,
 )
+from synseg.errors import UserError
 
 
 def test_render_is_deterministic_and_masks_cover_objects():

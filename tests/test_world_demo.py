@@ -7,13 +7,12 @@ import pytest
 from pipeline.serve import free_port
 from pipeline.world import SEEN, UNSEEN
 from trainer.methods.training_free import TRAINING_FREE
-from trainer.world.demo import (
+from trainer.world.demo import WorldDemoConfig, run_world_demo
+from trainer.world.rows import (
     ABLATIONS,
     INIT,
     VILSEG_CLIP_START,
     VILSEG_RANDOM_START,
-    WorldDemoConfig,
-    run_world_demo,
     split_scores,
     summarise,
     verdict,

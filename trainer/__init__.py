@@ -12,5 +12,18 @@ trainer/eval/    how any method is scored: benchmark readers, mIoU, sliding-wind
                  protocols, PAMR, the eval loop, class subsets, overlays
 trainer/world/   the offline demo: in-world CLIP pretraining, the CLIPSeg-style decoder
                  init, the demo's chain and report
+trainer/api.py   the Python entry point: ``trainer.load(run) -> Segmenter``, whose
+                 ``segment(image, classes)`` gives labels and probabilities
+trainer/export.py a run as a Hugging Face CLIPSeg checkpoint (``synseg-train export``)
 trainer/cli.py   the ``synseg-train`` command line
 """
+
+
+def __getattr__(name: str):
+    """``trainer.load`` and ``trainer.Segmenter`` (``trainer.api``), imported when first used so
+    that ``import trainer`` stays light."""
+    if name in ("load", "Segmenter"):
+        from trainer import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

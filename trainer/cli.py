@@ -18,8 +18,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.console import err, handle_errors, run_app, summary
-from pipeline.errors import Interrupted, UserError
+from synseg.console import err, handle_errors, run_app, summary
+from synseg.errors import Interrupted, UserError
 from trainer.methods import names as method_names
 
 HELP = "Train open-vocabulary segmentation methods on packed shards and score them zero-shot."
@@ -193,7 +193,7 @@ def encode_labels(
     device: RunDeviceOpt = None,
 ) -> None:
     """Encode every label phrase of the shards once, into the cache the run will read."""
-    from pipeline.console import progress
+    from synseg.console import progress
     from trainer.train.loop import encode_labels as encode
 
     cfg = _settings(
@@ -306,7 +306,7 @@ def eval_(
     """Zero-shot mIoU on a benchmark's validation split (MMSegmentation's metric)."""
     from rich.table import Table
 
-    from pipeline.console import out, progress
+    from synseg.console import out, progress
     from trainer.eval.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(
@@ -377,7 +377,7 @@ def prepare(
     ] = 0,
 ) -> None:
     """Convert a benchmark's validation split into the layout eval reads (no mmcv needed)."""
-    from pipeline.console import progress
+    from synseg.console import progress
     from trainer.eval.prepare import PrepareConfig, run_prepare
 
     cfg = PrepareConfig(dataset, source, output, annotations, processes)
@@ -411,7 +411,7 @@ def segment(
     """Write an overlay with a legend and one activation map per class for each image."""
     from PIL import Image
 
-    from pipeline.console import out
+    from synseg.console import out
     from trainer import methods
     from trainer.eval.evaluate import build_model, check_weights, resolve_device
     from trainer.eval.infer import InferConfig, Segmenter, read_templates
@@ -476,13 +476,36 @@ def picture_stems(images: list[Path]) -> list[str]:
     return stems
 
 
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Annotated[str, typer.Option(help="A run folder, or one of its checkpoints")],
+    output: Annotated[str, typer.Option(help="The folder to write (must not exist)")],
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="hf: Hugging Face's CLIPSegForImageSegmentation"),
+    ] = "hf",
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Also upload the folder to this Hub repository (user/name)")
+    ] = None,
+) -> None:
+    """Write a trained run as a checkpoint other code loads (transformers' from_pretrained)."""
+    from synseg.console import out
+    from trainer.export import ExportConfig, run_export
+
+    stats = run_export(ExportConfig(checkpoint, output, format_, push_to_hub))
+    out.print(f"{stats.method} from {stats.checkpoint}: {stats.tensors} tensors in {stats.output}")
+    if stats.pushed_to:
+        out.print(f"pushed to {stats.pushed_to}")
+
+
 @app.command("methods")
 @handle_errors
 def methods_() -> None:
     """List the methods: trained ones (run), released weights and training-free ones (eval)."""
     from rich.table import Table
 
-    from pipeline.console import out
+    from synseg.console import out
     from trainer.methods import REGISTRY
 
     table = Table(title="methods", title_justify="left")
@@ -499,7 +522,7 @@ def presets() -> None:
     """List the presets of every trained method (--preset METHOD-NAME, or NAME with --method)."""
     from rich.table import Table
 
-    from pipeline.console import out
+    from synseg.console import out
     from trainer import methods
 
     table = Table(title="presets", title_justify="left")
@@ -529,7 +552,7 @@ def demo(
     """The whole chain on the synthetic world, offline, ending with a report."""
     from rich.table import Table
 
-    from pipeline.console import out
+    from synseg.console import out
     from trainer.world.demo import WorldDemoConfig, run_world_demo
     from trainer.world.report import pm
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 
 CLASSNAMES = Path(__file__).parent / "classnames"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, write_json
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path, write_json
 from trainer import methods
 from trainer.eval.datasets import CLASSNAMES, Dataset, open_dataset, read_classnames
 from trainer.eval.infer import InferConfig, Segmenter, read_templates

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.eval.pamr import TCL_DILATIONS, pamr
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.cores import default_processes, parallel_map
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, clean_stale, file_mode, write_json
+from synseg.cores import default_processes, parallel_map
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path, clean_stale, file_mode, write_json
 from trainer.eval.datasets import Sample, suffix_pairs
 
 DATASETS = ("voc", "context", "object", "stuff", "city", "ade")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.eval.pamr import SCLIP_DILATIONS, TCL_DILATIONS
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.fsutil import atomic_path
+from synseg.fsutil import atomic_path
 
 # A qualitative palette (distinct hues), repeated past its length.
 PALETTE = np.array(

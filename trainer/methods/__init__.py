@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 
 KINDS = ("trained", "weights", "training-free")
 

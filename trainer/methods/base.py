@@ -15,7 +15,9 @@ A method is one package, ``trainer/methods/<name>/``, whose ``METHOD`` is a ``Tr
 - ``scorer(model, cfg, logit_scale)``: its inference, a ``Scorer``: dense class scores for a
   batch of windows, so the sliding window, the protocols, PAMR, the background rule and the
   metric serve every method unchanged;
-- ``presets``: a folder of JSON presets (``synseg-train presets``).
+- ``presets``: a folder of JSON presets (``synseg-train presets``);
+- ``export_hf`` (optional): its model as a Hugging Face checkpoint, ``(state dict, config,
+  image processor config, context length)`` (``synseg-train export``).
 
 A method whose labels are embedded by a frozen text tower sets ``label_embeddings``: the loop
 then encodes the shards' vocabulary once (``trainer.train.textcache``) and hands the table to
@@ -92,6 +94,9 @@ class TrainedMethod:
     # Checks across setting groups (a field's own checks live in its dataclass): the resolved
     # TrainConfig in, problems out.
     check: Callable[[Any], list[str]] = lambda cfg: []
+    # The model in a Hugging Face layout (None: it has none): model, TrainConfig in;
+    # (state dict, config.json, preprocessor_config.json, text context length) out.
+    export_hf: Callable[[Any, Any], tuple[dict, dict, dict, int]] | None = None
 
     def preset_names(self) -> list[str]:
         return sorted(p.stem for p in self.presets.glob("*.json"))

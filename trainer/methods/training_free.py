@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.model.backbone import NORMALISE
 
 TRAINING_FREE = ("maskclip", "sclip", "clearclip", "naclip")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.model.compat import import_open_clip
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -10,28 +10,43 @@ CLIPSeg's released state dicts (``film_mul``, ``film_add``, ``reduces.N``, ``blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 
 
-@dataclass(frozen=True)
-class DecoderConfig:
+@dataclass
+class DecoderShape:
+    """The decoder's own settings: a method's model settings take these over as they are."""
+
+    reduce_dim: int = 64  # the decoder's width (CLIPSeg's rd64)
+    heads: int = 4  # attention heads of each decoder block
+    ffn_dim: int = 2048  # nn.TransformerEncoderLayer's default, as CLIPSeg uses it
+    refined: bool = False  # CLIPSeg's "refined" upsampling (conv, two transposed convs)
+    film_hidden: int = (
+        0  # 0: linear FiLM (CLIPSeg); >0: an MLP with this hidden width (the paper's "small MLP")
+    )
+    dropout: float = 0.1  # in the decoder blocks (nn.TransformerEncoderLayer's default, as CLIPSeg)
+
+
+@dataclass
+class DecoderConfig(DecoderShape):
+    """A decoder's shape and the backbone it reads."""
+
     width: int = 768  # backbone residual width
     cond_dim: int = 512  # text embedding width
     depth: int = 3  # number of taps
-    reduce_dim: int = 64  # CLIPSeg's rd64
-    heads: int = 4
-    ffn_dim: int = 2048  # nn.TransformerEncoderLayer's default, as CLIPSeg uses it
     patch_size: int = 16
-    refined: bool = False  # CLIPSeg's "refined" upsampling (conv, two transposed convs)
-    film_hidden: int = 0  # 0: linear FiLM (CLIPSeg); >0: an MLP with this hidden width
-    dropout: float = 0.1  # in the decoder blocks (nn.TransformerEncoderLayer's default, as CLIPSeg)
+
+    @classmethod
+    def of(cls, shape: DecoderShape, **backbone) -> DecoderConfig:
+        """The decoder of ``shape`` (any settings holding its fields) on a backbone."""
+        return cls(**{f.name: getattr(shape, f.name) for f in fields(DecoderShape)}, **backbone)
 
 
 def _film(cfg: DecoderConfig) -> nn.Module:

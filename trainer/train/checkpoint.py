@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
-from pipeline.fsutil import TMP_SUFFIX, atomic_path, clean_stale, file_mode
+from synseg.errors import UserError
+from synseg.fsutil import TMP_SUFFIX, atomic_path, clean_stale, file_mode
 
 
 def refuse_non_finite(model, step: int) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer import methods
 from trainer.eval.infer import template_problem
 

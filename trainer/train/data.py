@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.fsutil import read_parquet
-from pipeline.pack import VOCABULARY
+from synseg.errors import UserError
+from synseg.fsutil import read_parquet
+from synseg.shards import VOCABULARY, read_sizes
 
 
 @dataclass
@@ -47,19 +47,9 @@ class ShardSet:
 
 def find_shards(folder: str | Path) -> ShardSet:
     folder = Path(folder)
-    sizes = folder / "sizes.json"
     if not folder.is_dir():
         raise UserError(f"shards folder {folder} does not exist; run `synseg-data pack` first")
-    if not sizes.exists():
-        raise UserError(f"{folder} has no sizes.json: not a folder written by `synseg-data pack`")
-    try:
-        counts = json.loads(sizes.read_text())
-        if not isinstance(counts, dict) or not all(
-            isinstance(n, int) and n >= 0 for n in counts.values()
-        ):
-            raise ValueError("not a mapping of shard names to sample counts")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{sizes} cannot be read: {e}") from None
+    counts = read_sizes(folder)
     # Every shard sizes.json counts must be there: the epoch's length and the stream's
     # positions come from those counts, so a lost shard would silently shorten every epoch.
     lost = sorted(name for name, n in counts.items() if n > 0 and not (folder / name).is_file())

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.cores import available_cores
-from pipeline.errors import UserError
+from synseg.cores import available_cores
+from synseg.errors import UserError
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
-from pipeline.fsutil import clean_stale, write_json
-from pipeline.pack import VOCABULARY
+from synseg.errors import UserError
+from synseg.fsutil import clean_stale, write_json
+from synseg.shards import VOCABULARY
 from trainer import methods
 from trainer.methods.base import StepContext
 from trainer.train import checkpoint, distributed

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path
 
 
 def _records(path: Path) -> list[tuple[int, str]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fsutil import atomic_path, clean_stale
+from synseg.fsutil import atomic_path, clean_stale
 
 
 def backbone_id(backbone) -> str:

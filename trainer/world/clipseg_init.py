@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path, read_record, write_record
 from pipeline.world import load_world
+from synseg.errors import UserError
+from synseg.fsutil import atomic_path, read_record, write_record
 from trainer.methods.synseg.model import ModelConfig, SynSeg
 
 

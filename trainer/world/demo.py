@@ -25,84 +25,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.world import WorldConfig
-
-ABLATIONS = {
-    "no L_align": ["loss.align=0"],
-    "no L_cont": ["loss.cont=0"],
-    "no L_back": ["loss.back=0"],
-    "no L_sep": ["loss.sep=0"],
-}
-PAPER_SGD = "SGD lr 1e-5 (paper)"
-# The paper's optimiser, and each switch beyond the paper on its own.
-SWEEP = {
-    PAPER_SGD: ["optim.name=sgd", "optim.lr=1e-5", "optim.momentum=0.9"],
-    "projector on visual features": ["model.projector_input=visual"],
-    "straight-through clip": ["loss.straight_through=true"],
-    "absent negatives (K=2)": ["data.absent=2", "loss.neg=1"],
-}
-SEED = 42  # the first seed of a trained row (the paper's); the others follow it
-INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with
-VILSEG_CLIP_START = "ViL-Seg untrained (in-world CLIP, random clustering head)"
-VILSEG_RANDOM_START = "ViL-Seg untrained (random towers)"
-
-
-@dataclass(frozen=True)
-class TrainedRow:
-    """A row of the table trained over the seeds: which method, with which settings, compared
-    with which start."""
-
-    name: str
-    method: str
-    settings: tuple[str, ...]  # every setting of its runs but the seed and the folder
-    start: str
-    folder: str
-    differs: tuple[str, ...] = ()  # what sets it apart, for the report
-
-
-def split_scores(per_class: dict[str, float | None], unseen: set[str]) -> dict[str, float]:
-    """mIoU over the seen classes, the unseen ones and all, and the harmonic mean of the first
-    two (the zero-shot convention); a class with no pixels in the split counts in none."""
-
-    def mean(names):
-        vals = [per_class[n] for n in names if per_class[n] is not None]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    seen = mean([c for c in per_class if c not in unseen])
-    uns = mean([c for c in per_class if c in unseen])
-    hm = 2 * seen * uns / (seen + uns) if seen + uns > 0 else 0.0
-    return {"seen": seen, "unseen": uns, "all": mean(list(per_class)), "hm": hm}
-
-
-def summarise(name: str, per_seed: list[dict]) -> dict:
-    """A table row: the per-seed scores, their mean, and their spread (the sample standard
-    deviation over seeds; 0 for one run)."""
-    keys = ("seen", "unseen", "all", "hm")
-    n = len(per_seed)
-    mean = {k: sum(r[k] for r in per_seed) / n for k in keys}
-    spread = {
-        k: (sum((r[k] - mean[k]) ** 2 for r in per_seed) / (n - 1)) ** 0.5 if n > 1 else 0.0
-        for k in keys
-    }
-    return {
-        "model": name,
-        "seeds": [r["seed"] for r in per_seed],
-        "per_seed": per_seed,
-        "mean": mean,
-        "spread": spread,
-    }
-
-
-TIE_FLOOR = 0.005  # half a point of mIoU: below it, no difference is read into 100 val images
-
-
-def verdict(a: dict, b: dict, key: str) -> str:
-    """How row ``b`` compares with row ``a`` on ``key``: a gain or a loss only when the means
-    differ by more than twice the larger spread (and by more than half a point), else a tie."""
-    delta = b["mean"][key] - a["mean"][key]
-    band = max(2 * max(a["spread"][key], b["spread"][key]), TIE_FLOOR)
-    if abs(delta) <= band:
-        return "tie"
-    return "gain" if delta > 0 else "loss"
+from trainer.world.report import write_report
+from trainer.world.rows import (
+    ABLATIONS,
+    INIT,
+    PAPER_SGD,
+    SEED,
+    SWEEP,
+    VILSEG_CLIP_START,
+    VILSEG_RANDOM_START,
+    TrainedRow,
+    split_scores,
+    summarise,
+)
 
 
 def decoder_movement(run: str, init: str) -> dict:
@@ -175,8 +110,6 @@ def _run_cached(name: str, cfg, on_stage) -> str:
 def run_world_demo(
     cfg: WorldDemoConfig, on_stage: Callable[[str, str], None] = lambda n, s: None
 ) -> DemoResult:
-    from trainer.world.report import write_report
-
     t0 = time.time()
     data, pre, init = _starts(cfg, on_stage)
     rows = trained_rows(cfg, pre.output, init.output, str(data.shards))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.fsutil import atomic_path, read_record, write_record
+from synseg.fsutil import atomic_path, read_record, write_record
 from trainer.model.backbone import NORMALISE, open_clip
 from trainer.train.data import ShardStream, find_shards
 

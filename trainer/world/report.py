@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.fsutil import atomic_path, write_json
+from synseg.fsutil import atomic_path, write_json
+from trainer.world.rows import PAPER_SGD, verdict
 
 
 def pm(row: dict, key: str) -> str:
@@ -17,7 +18,6 @@ def pm(row: dict, key: str) -> str:
 def finding(rows: list[dict], movement: dict) -> str:
     """What the experiment found, in words, whichever way it went: MCCL against its start on
     the unseen classes, and which setting (if any) makes a difference beyond the seeds' spread."""
-    from trainer.world.demo import PAPER_SGD, verdict
 
     by = {r["model"]: r for r in rows}
     init, mccl = by.get("CLIPSeg-style init"), by.get("MCCL (SynSeg)")
@@ -72,7 +72,6 @@ def finding(rows: list[dict], movement: dict) -> str:
 
 def vilseg_finding(by: dict[str, dict]) -> str:
     """ViL-Seg's rows against their untrained starts, in words, whichever way they went."""
-    from trainer.world.demo import verdict
 
     text = ""
     for name in ("ViL-Seg from the in-world CLIP", "ViL-Seg from scratch (the paper's start)"):
@@ -132,7 +131,7 @@ def label_histogram(labels: Path, path: Path, top: int = 25) -> list[tuple]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.inspect import InspectConfig, run_inspect
+    from pipeline.inspection import InspectConfig, run_inspect
 
     rows = run_inspect(InspectConfig(report="top-labels", labels=labels, limit=top)).rows
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -202,24 +201,12 @@ def write_report(
 ) -> Path:
     """``runs``: row name -> seed -> run folder; ``rows``: what ``trainer.world.demo`` scored."""
     from pipeline.world import load_world
-    from trainer.world.demo import verdict
 
     report.mkdir(parents=True, exist_ok=True)
     first = {k: next(iter(v.values())) for k, v in runs.items()}  # curves, pictures: one seed
-    main_runs = {
-        k: v for k, v in first.items() if k == "MCCL (SynSeg)" or k.startswith("MCCL, no L_")
-    }
-    loss_curves(main_runs, report / "loss_curves.png")
-    top = label_histogram(Path(data.labels), report / "label_histogram.png")
-    backbone = [f"model.pretrained={pretrain.output}", "model.normalise=clip"]
-    shown = {"CLIPSeg-style init": {"decoder_init": init.output, "overrides": backbone}}
-    for name in ("MCCL (SynSeg)", "ViL-Seg from the in-world CLIP"):
-        if name in first:
-            shown[name] = {"checkpoint": first[name]}
-    pics = pictures(Path(data.world), shown, report / "pictures")
+    top, pics = _figures(report, first, data, pretrain, init)
     unseen = set(load_world(Path(data.world)).get("unseen", ()))
     classes = list(rows[0]["per_seed"][0]["per_class"])
-    by = {r["model"]: r for r in rows}
     found = finding(rows, movement or {})
     write_json(
         report / "results.json",
@@ -234,6 +221,38 @@ def write_report(
         },
     )
     lines = [
+        *_introduction(cfg, classes, unseen, seconds, found),
+        *_table(rows, variants or {}),
+        *_per_class(rows, classes, unseen),
+        *_stages(pretrain, init, runs),
+        *_pictures_section(report, top, pics),
+        *["## Settings", "", "```json", json.dumps(cfg, indent=2), "```", ""],
+    ]
+    out = report / "report.md"
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines))
+    return out
+
+
+def _figures(report: Path, first: dict[str, str], data, pretrain, init):
+    """The loss curves, the label histogram and the overlays: (top labels, pictures)."""
+    main_runs = {
+        k: v for k, v in first.items() if k == "MCCL (SynSeg)" or k.startswith("MCCL, no L_")
+    }
+    loss_curves(main_runs, report / "loss_curves.png")
+    top = label_histogram(Path(data.labels), report / "label_histogram.png")
+    backbone = [f"model.pretrained={pretrain.output}", "model.normalise=clip"]
+    shown = {"CLIPSeg-style init": {"decoder_init": init.output, "overrides": backbone}}
+    for name in ("MCCL (SynSeg)", "ViL-Seg from the in-world CLIP"):
+        if name in first:
+            shown[name] = {"checkpoint": first[name]}
+    return top, pictures(Path(data.world), shown, report / "pictures")
+
+
+def _introduction(cfg: dict, classes: list[str], unseen: set[str], seconds: float, found: str):
+    seen_names = ", ".join(c for c in classes if c not in unseen)
+    unseen_names = ", ".join(c for c in classes if c in unseen)
+    return [
         "# SynSeg and ViL-Seg on the synthetic world",
         "",
         f"Every stage runs offline: the world ({cfg['count']} captioned train images, {cfg['val_count']} held-out "
@@ -242,9 +261,9 @@ def write_report(
         f"{seconds / 60:.1f} minutes (stages finished by an earlier run with the same settings are reused).",
         "",
         "The CLIPSeg-style decoder is trained with masks on the `ref` split, which shows only the "
-        f"seen classes ({', '.join(c for c in classes if c not in unseen)}) and is drawn in another "
+        f"seen classes ({seen_names}) and is drawn in another "
         "style (flat colours, outlines, smaller objects); the unseen classes "
-        f"({', '.join(c for c in classes if c in unseen)}) appear only in the captions MCCL "
+        f"({unseen_names}) appear only in the captions MCCL "
         "and ViL-Seg train on and in the val images they are scored on. ViL-Seg trains both "
         "CLIP towers on the captions alone (no masks, no noun phrases): from the in-world CLIP, "
         "and from random weights as its paper does.",
@@ -253,6 +272,13 @@ def write_report(
         "",
         found,
         "",
+    ]
+
+
+def _table(rows: list[dict], variants: dict[str, list[str]]) -> list[str]:
+    """The mIoU table, what sets each trained row apart, and the per-seed scores."""
+    by = {r["model"]: r for r in rows}
+    lines = [
         "## mIoU on the world's held-out masks",
         "",
         "mIoU (%) over the unseen classes, the seen ones, all, and the harmonic mean of unseen and "
@@ -273,24 +299,21 @@ def write_report(
             f"| {r['model']} | {pm(r, 'unseen')} | {pm(r, 'seen')} | {pm(r, 'all')} | {pm(r, 'hm')} | {versus} |"
         )
     lines += ["", "What sets each trained row apart:", ""]
-    for name, settings in (variants or {}).items():
+    for name, settings in variants.items():
         lines.append(f"- {name}: " + ", ".join(f"`{x}`" for x in settings))
-    lines += [
-        "",
-        "Per seed (unseen / seen / all):",
-        "",
-        *[
-            f"- {r['model']}: "
-            + "; ".join(
+    lines += ["", "Per seed (unseen / seen / all):", ""]
+    for r in rows:
+        if len(r["per_seed"]) > 1:
+            scores = (
                 f"seed {p['seed']}: {_pct(p['unseen'])} / {_pct(p['seen'])} / {_pct(p['all'])}"
                 for p in r["per_seed"]
             )
-            for r in rows
-            if len(r["per_seed"]) > 1
-        ],
-        "",
-    ]
-    lines += [
+            lines.append(f"- {r['model']}: " + "; ".join(scores))
+    return [*lines, ""]
+
+
+def _per_class(rows: list[dict], classes: list[str], unseen: set[str]) -> list[str]:
+    lines = [
         "## IoU per class",
         "",
         "Mean over seeds; unseen classes in italics.",
@@ -298,14 +321,14 @@ def write_report(
         "| class | " + " | ".join(r["model"] for r in rows) + " |",
         "|---|" + "---|" * len(rows),
     ]
-    lines += [
-        f"| {f'*{c}*' if c in unseen else c} | "
-        + " | ".join(_pct(class_mean(r, c)) for r in rows)
-        + " |"
-        for c in classes
-    ]
-    lines += [
-        "",
+    for c in classes:
+        name = f"*{c}*" if c in unseen else c
+        lines.append(f"| {name} | " + " | ".join(_pct(class_mean(r, c)) for r in rows) + " |")
+    return [*lines, ""]
+
+
+def _stages(pretrain, init, runs: dict[str, dict]) -> list[str]:
+    return [
         "## Stages",
         "",
         f"- In-world CLIP pretraining: {pretrain.steps} steps; mean cosine similarity between the class prompts "
@@ -319,6 +342,11 @@ def write_report(
             for name, by_seed in runs.items()
         ],
         "",
+    ]
+
+
+def _pictures_section(report: Path, top: list[tuple], pics) -> list[str]:
+    lines = [
         "## Loss curves",
         "",
         "![loss curves](loss_curves.png)",
@@ -340,8 +368,4 @@ def write_report(
             f"**{name}**, {image_id}: ![{name} {image_id}]({path.relative_to(report).as_posix()})"
         )
         lines.append("")
-    lines += ["## Settings", "", "```json", json.dumps(cfg, indent=2), "```", ""]
-    out = report / "report.md"
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(lines))
-    return out
+    return lines

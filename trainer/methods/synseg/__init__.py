@@ -69,6 +69,20 @@ class Objective(nn.Module):
         return self.mccl(out.f.float(), out.fbar.float(), text, mask, absent)
 
 
+def export_hf(model, cfg) -> tuple[dict, dict, dict, int]:
+    """SynSeg as Hugging Face's ``CLIPSegForImageSegmentation``: its frozen CLIP and its
+    decoder (the FSS projector trains the decoder and is not part of inference)."""
+    from trainer.model import hf
+    from trainer.model.backbone import NORMALISE
+
+    clip = model.backbone.model
+    state = {**hf.clip_state_dict(clip), **hf.decoder_state_dict(model.decoder)}
+    config = hf.clipseg_config(clip, model.decoder, cfg.model.taps)
+    mean, std = NORMALISE[model.normalisation]
+    processor = hf.image_processor_config(model.backbone.train_size, mean, std)
+    return state, config, processor, int(clip.positional_embedding.shape[0])
+
+
 def check(cfg) -> list[str]:
     if cfg.data.absent and not cfg.loss.neg:
         return ["data.absent samples negatives for loss.neg, which is 0"]
@@ -86,4 +100,5 @@ METHOD = TrainedMethod(
     presets=Path(__file__).parent / "presets",
     label_embeddings=True,
     check=check,
+    export_hf=export_hf,
 )

@@ -14,26 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.methods.synseg.losses import synergy
 from trainer.model.backbone import NORMALISE, FrozenCLIP
-from trainer.model.decoder import CLIPSegDecoder, DecoderConfig
+from trainer.model.decoder import CLIPSegDecoder, DecoderConfig, DecoderShape
 
 PROJECTOR_INPUTS = ("conditioned", "visual")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DecoderShape):
+    """SynSeg's model settings: the decoder's (``DecoderShape``: reduce_dim, heads, ffn_dim,
+    refined, film_hidden, dropout), then these."""
+
     arch: str = "ViT-B-16-quickgelu"  # open_clip architecture (OpenAI weights need QuickGELU)
     pretrained: str | None = "openai"  # open_clip tag, a local checkpoint file, or None (random)
     taps: tuple[int, ...] = (3, 6, 9)  # visual blocks the decoder reads (0-based), CLS kept
     init_seed: int = 0  # seed of the backbone's weights when ``pretrained`` is None (random)
-    reduce_dim: int = 64
-    heads: int = 4
-    ffn_dim: int = 2048
-    refined: bool = False  # CLIPSeg's refined upsampling
-    film_hidden: int = 0  # 0: CLIPSeg's linear FiLM; >0: the paper's "small MLP" with this width
-    dropout: float = 0.1  # decoder blocks' dropout while training (CLIPSeg's)
     decoder_init: str | None = None  # CLIPSeg or Hugging Face CLIPSeg weights for the decoder
     normalise: str = "auto"  # clip, imagenet, or auto (imagenet for CLIPSeg weights, else clip)
     # The paper's projector reads the FiLM-conditioned features. Then the text embedding flows
@@ -67,17 +64,12 @@ class SynSeg(nn.Module):
         self.backbone = backbone or FrozenCLIP(cfg.arch, cfg.pretrained, cfg.taps, cfg.init_seed)
         b = self.backbone
         self.decoder = CLIPSegDecoder(
-            DecoderConfig(
+            DecoderConfig.of(
+                cfg,
                 width=b.width,
                 cond_dim=b.embed_dim,
                 depth=len(cfg.taps),
-                reduce_dim=cfg.reduce_dim,
-                heads=cfg.heads,
-                ffn_dim=cfg.ffn_dim,
                 patch_size=b.patch_size,
-                refined=cfg.refined,
-                film_hidden=cfg.film_hidden,
-                dropout=cfg.dropout,
             )
         )
         d = b.embed_dim

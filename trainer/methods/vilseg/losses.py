@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 from trainer.methods.vilseg.views import unflip
 
 LOSS_TERMS = ("vision", "cross", "cluster")

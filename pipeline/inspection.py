@@ -10,7 +10,6 @@ Views (each only if its files exist):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.download import done_shards
-from pipeline.errors import UserError
+from synseg.errors import UserError
+from synseg.shards import SIZES, read_sizes
 
 REPORTS = {
     "top-labels": (
@@ -104,9 +104,8 @@ def connect(cfg: InspectConfig) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     parquet_view("raw", done_shards(raw) if raw.is_dir() else [], ", filename = true")
     parquet_view("nouns", sorted(Path(cfg.nouns).glob("[0-9]*.parquet")))
     parquet_view("labels", sorted(Path(cfg.labels).glob("[0-9]*.parquet")))
-    sizes = Path(cfg.shards) / "sizes.json"
-    if sizes.exists():
-        counts = json.loads(sizes.read_text())
+    if (Path(cfg.shards) / SIZES).exists():
+        counts = read_sizes(Path(cfg.shards))
         table = pa.table({"shard": list(counts), "samples": list(counts.values())})
         con.register("_shards", table)
         con.execute("CREATE VIEW shards AS SELECT * FROM _shards")

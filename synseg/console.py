@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipeline.errors import UserError
+from synseg.errors import UserError
 
 out = Console()
 err = Console(stderr=True)
