@@ -22,18 +22,18 @@ from pipeline.world import WorldConfig, load_world, run_world
 
 @dataclass
 class DemoConfig:
-    world: Path = Path("data/world")
-    raw: Path = Path("data/raw")
-    nouns: Path = Path("manifests/nouns")
-    labels: Path = Path("manifests/labels")
-    shards: Path = Path("data/shards")
-    count: int = WorldConfig.count  # train images of the world
-    val_count: int = WorldConfig.val_count
-    ref_count: int = WorldConfig.ref_count
-    size: int = 128  # world image side
+    world: Path = Path("data/world")  # the world's folder
+    raw: Path = Path("data/raw")  # img2dataset shards
+    nouns: Path = Path("manifests/nouns")  # noun manifests
+    labels: Path = Path("manifests/labels")  # labels manifests
+    shards: Path = Path("data/shards")  # training shards
+    count: int = WorldConfig.count  # train images of the world (captions only)
+    val_count: int = WorldConfig.val_count  # held-out images with masks
+    ref_count: int = WorldConfig.ref_count  # images with masks for the CLIPSeg-style stage
+    size: int = WorldConfig.size  # world image side
     image_size: int = 64  # training resolution of the packed shards
-    seed: int = 0
-    port: int = 8642  # loopback port of the world's URL list
+    seed: int = WorldConfig.seed  # the world's random seed
+    port: int = WorldConfig.port  # loopback port of the world's URL list
     processes: int = 2  # spaCy workers
 
 

@@ -50,10 +50,8 @@ class DownloadConfig:
     url_list: Path  # CC12M-style file: url<TAB>caption per line, header optional
     output: Path = Path("data/raw")  # img2dataset webdataset shards land here
     image_size: int = 384  # img2dataset resizes so the image fits this size
-    resize_mode: str = (
-        "keep_ratio"  # img2dataset's resize mode (no, keep_ratio, center_crop, border)
-    )
-    samples_per_shard: int = 10000
+    resize_mode: str = "keep_ratio"  # img2dataset's: no, keep_ratio, center_crop or border
+    samples_per_shard: int = 10000  # rows per shard
     processes: int = 1  # img2dataset processes_count
     threads: int = 64  # img2dataset thread_count (per process)
     distributor: str = "multiprocessing"  # img2dataset's: multiprocessing (local), pyspark, ray

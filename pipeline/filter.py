@@ -55,16 +55,18 @@ LISTS_DIR = Path(__file__).resolve().parent.parent / "exclusion_lists"
 
 @dataclass
 class FilterConfig:
-    exclude: list[str] = field(default_factory=lambda: ["generic"])  # list names or paths
-    nouns: Path = Path("manifests/nouns")
-    output: Path = Path("manifests/labels")
+    exclude: list[str] = field(
+        default_factory=lambda: ["generic"]
+    )  # exclusion lists: files or names in exclusion_lists/
+    nouns: Path = Path("manifests/nouns")  # noun manifests (extract-nouns)
+    output: Path = Path("manifests/labels")  # folder for the labels manifests
     match: str = "substring"  # substring (paper) or word
     min_labels: int = 1  # images with fewer labels are left out
     max_labels: int = 0  # keep at most this many labels per image, first-seen order (0: no cap)
     top_k: int = 0  # keep only images with a label among the K most frequent (0: off)
     allow: Path | None = None  # keep only images with a label in this file (one entity a line)
     processes: int = 0  # shards filtered in parallel (0: one per core, at most 8)
-    overwrite: bool = False
+    overwrite: bool = False  # redo shards made with other settings
     distributor: str = "local"  # local processes or ray (Ray Data actors)
     ray_address: str = ""  # Ray cluster to join (empty: start a local Ray)
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor

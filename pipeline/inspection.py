@@ -60,12 +60,12 @@ REPORTS = {
 
 @dataclass
 class InspectConfig:
-    sql: str | None = None  # a query over the views
-    report: str | None = None  # one of REPORTS
-    raw: Path = Path("data/raw")
-    nouns: Path = Path("manifests/nouns")
-    labels: Path = Path("manifests/labels")
-    shards: Path = Path("data/shards")
+    sql: str | None = None  # SQL over the views raw, nouns, labels, shards
+    report: str | None = None  # top-labels, labels-per-image, drops-by-term or download-status
+    raw: Path = Path("data/raw")  # img2dataset shards
+    nouns: Path = Path("manifests/nouns")  # noun manifests
+    labels: Path = Path("manifests/labels")  # labels manifests
+    shards: Path = Path("data/shards")  # training shards (sizes.json)
     limit: int = 20  # rows of a report
 
     def __post_init__(self) -> None:

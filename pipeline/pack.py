@@ -58,16 +58,16 @@ RESIZE_MODES = ("center_crop", "shorter_side", "stretch")
 
 @dataclass
 class PackConfig:
-    raw: Path = Path("data/raw")
-    labels: Path = Path("manifests/labels")
-    output: Path = Path("data/shards")
+    raw: Path = Path("data/raw")  # img2dataset shards
+    labels: Path = Path("manifests/labels")  # labels manifests (filter)
+    output: Path = Path("data/shards")  # folder for the training shards
     image_size: int = 224  # training resolution
     resize: str = "center_crop"  # center_crop (square), shorter_side (keep ratio) or stretch
     quality: int = 90  # JPEG quality of the packed images
     max_count: int = 1000  # samples per training shard at most
     max_bytes: int = 500_000_000  # bytes per training shard at most
     processes: int = 0  # raw shards packed in parallel (0: one per core, at most 8)
-    overwrite: bool = False
+    overwrite: bool = False  # repack shards made with other settings
     distributor: str = "local"  # local processes or ray (Ray Data actors)
     ray_address: str = ""  # Ray cluster to join (empty: start a local Ray)
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor

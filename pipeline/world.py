@@ -141,14 +141,14 @@ SUFFIXES = [
 
 @dataclass(frozen=True)
 class WorldConfig:
-    output: Path = Path("data/world")
+    output: Path = Path("data/world")  # folder for the world
     # The demo's sizes (``make demo`` fits about ten minutes on two cores); every other default
     # of a world's size (the demos, the command lines) is this one.
     count: int = 1600  # train images (captions only, served over HTTP)
     val_count: int = 100  # held-out images with masks, for evaluation
     ref_count: int = 600  # images with masks standing in for CLIPSeg's dense training data
     size: int = 128  # image side in pixels
-    seed: int = 0
+    seed: int = 0  # random seed of everything drawn
     port: int = 8642  # loopback port written into the URL list
     dead_fraction: float = 0.03  # URLs that 404 or are refused, as in CC12M
     broken_fraction: float = 0.01  # served files that are not images

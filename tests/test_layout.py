@@ -14,18 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("synseg", "pipeline", "trainer")
 
 
-def test_the_trainer_imports_neither_stage_command_line():
-    """``import trainer`` and the trainer's modules reach the shared helpers (``synseg``), not
-    the data pipeline's command line or its stages."""
-    code = (
-        "import sys, trainer, trainer.api, trainer.cli, trainer.eval.evaluate, "
-        "trainer.train.loop, trainer.train.data\n"
-        "print(' '.join(sorted(m for m in sys.modules if m.startswith('pipeline'))))"
-    )
+def _pipeline_modules(imports: str) -> list[str]:
+    code = f"import sys, {imports}\nprint(' '.join(m for m in sys.modules if m.startswith('pipeline')))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == []
+    return sorted(out.stdout.split())
+
+
+def test_the_trainer_imports_no_stage_of_the_pipeline():
+    """The trainer reaches what it shares with the pipeline through ``synseg``; only the
+    world demo, which runs the data chain, imports the pipeline's world, and nothing imports
+    the pipeline's command line."""
+    core = "trainer, trainer.api, trainer.eval.evaluate, trainer.train.loop, trainer.train.data"
+    assert _pipeline_modules(core) == []
+    assert _pipeline_modules("trainer.cli") == ["pipeline", "pipeline.world"]
 
 
 def test_import_trainer_is_light():
@@ -88,3 +91,44 @@ def test_no_function_in_the_trainer_is_over_80_lines():
                 if lines > 80:
                     long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines})")
     assert not long
+
+
+# The commands whose options are their settings dataclass's fields.
+SETTINGS_COMMANDS = {
+    "synseg-data": ["world", "download", "extract-nouns", "filter", "pack", "inspect", "demo"],
+    "synseg-train": ["eval", "prepare", "export", "demo"],
+}
+
+
+@pytest.mark.parametrize("cli", sorted(SETTINGS_COMMANDS))
+def test_every_option_is_its_settings_field(cli):
+    """Each command's options are made from its dataclass: every field is an option (or the
+    command's argument) with the field's default, its comment as the help."""
+    import dataclasses
+    import inspect as pyinspect
+
+    import typer
+
+    from synseg.options import field_default, field_docs
+
+    module = pytest.importorskip("pipeline.cli" if cli == "synseg-data" else "trainer.cli")
+    group = typer.main.get_command(module.app)
+    for name in SETTINGS_COMMANDS[cli]:
+        command = group.commands[name]
+        cls = pyinspect.unwrap(command.callback).__settings__
+        params = {p.name: p for p in command.params}
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in params, (name, f.name)
+            p = params[f.name]
+            default = field_default(f)
+            if default is pyinspect.Parameter.empty:
+                assert p.required, (name, f.name)
+                continue
+            given = p.default
+            if isinstance(default, (tuple, list)):
+                given, default = list(given or []), list(default)
+            assert given == default or str(given) == str(default), (name, f.name, given, default)
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no comment to be its help"
+            if getattr(p, "help", None) is not None:
+                assert p.help.startswith(docs[f.name]), (name, f.name)

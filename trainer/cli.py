@@ -20,7 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from synseg.console import err, handle_errors, run_app, summary
 from synseg.errors import Interrupted, UserError
+from synseg.options import field_docs, options_of, settings_of
+from trainer.eval.evaluate import EvalConfig
+from trainer.eval.prepare import PrepareConfig
+from trainer.export import ExportConfig
 from trainer.methods import names as method_names
+from trainer.world.demo import WorldDemoConfig
 
 HELP = "Train open-vocabulary segmentation methods on packed shards and score them zero-shot."
 
@@ -42,12 +47,15 @@ DecoderInitOpt = Annotated[
 ]
 TemplatesOpt = Annotated[str, typer.Option(help="Prompt templates: single, clip7 or a file")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+METHOD_CHOICES = (
+    f"({', '.join(method_names('weights'))}: --decoder-init's weights; training-free, on the same "
+    f"frozen CLIP: {', '.join(method_names('training-free'))})"
+)
 MethodOpt = Annotated[
     str | None,
     typer.Option(
         help="What scores (`synseg-train methods`): default the checkpoint's own method (synseg "
-        f"without one); {', '.join(method_names('weights'))} (--decoder-init's weights); or a "
-        f"training-free method on the same frozen CLIP: {', '.join(method_names('training-free'))}"
+        f"without one) {METHOD_CHOICES}"
     ),
 ]
 SetOpt = Annotated[
@@ -70,9 +78,20 @@ ConfigFilesOpt = Annotated[
 RunSetOpt = Annotated[
     list[str], typer.Option("--set", help="One setting, e.g. optim.lr=1e-4 (repeatable)")
 ]
-ShardsOpt = Annotated[str | None, typer.Option(help="Shards folder (data.shards)")]
-RunOutputOpt = Annotated[str | None, typer.Option(help="Run folder (run.output)")]
-RunDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda (run.device)")]
+
+
+def _setting_help(dotted: str) -> str:
+    """A run setting's doc (its field's comment) and its dotted name, as an option's help."""
+    from trainer.train.config import DataConfig, OptimConfig, RunConfig
+
+    group, name = dotted.split(".")
+    cls = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig}[group]
+    return f"{field_docs(cls)[name]} ({dotted})"
+
+
+ShardsOpt = Annotated[str | None, typer.Option(help=_setting_help("data.shards"))]
+RunOutputOpt = Annotated[str | None, typer.Option(help=_setting_help("run.output"))]
+RunDeviceOpt = Annotated[str | None, typer.Option(help=_setting_help("run.device"))]
 
 
 def _settings(preset: str, config: list[Path], set_: list[str], method: str | None, **fields):
@@ -98,9 +117,7 @@ def run(
     set_: RunSetOpt = [],  # noqa: B006
     shards: ShardsOpt = None,
     output: RunOutputOpt = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Stop after this many steps (optim.max_steps)")
-    ] = None,
+    steps: Annotated[int | None, typer.Option(help=_setting_help("optim.max_steps"))] = None,
     device: RunDeviceOpt = None,
     resume: Annotated[
         bool,
@@ -108,7 +125,6 @@ def run(
     ] = False,
 ) -> None:
     """Train a method (SynSeg's MCCL by default) on the packed shards."""
-    from trainer.train.loop import run_train
 
     cfg = _settings(
         preset,
@@ -122,6 +138,26 @@ def run(
     )
     main = int(os.environ.get("RANK", 0)) == 0
     t = time.time()
+    stats = _train_with_progress(cfg, resume, main)
+    if main:
+        if stats.replayed:
+            err.print(
+                f"note: the checkpoint's data stream position is for another number of "
+                f"processes or data workers (or it has none): the epoch was read again up to "
+                f"batch {stats.replayed}, so the rest of it differs from an uninterrupted run's"
+            )
+        if stats.steps == stats.start_step:
+            err.print(
+                f"nothing to train: the run is at step {stats.start_step} of "
+                f"{stats.total_steps}; raise --steps to go further"
+            )
+        summary("train", stats, time.time() - t)
+
+
+def _train_with_progress(cfg, resume: bool, main: bool):
+    """run_train with a progress bar on the main process; Ctrl-C says how to go on."""
+    from trainer.train.loop import run_train
+
     columns = [
         TextColumn("training"),
         BarColumn(),
@@ -151,7 +187,7 @@ def run(
             bar.update(task, info=info)
 
         try:
-            stats = run_train(
+            return run_train(
                 cfg,
                 resume=resume,
                 on_step=on_step,
@@ -166,19 +202,6 @@ def run(
         except BaseException:
             bar.update(task, visible=False)  # the error line says enough
             raise
-    if main:
-        if stats.replayed:
-            err.print(
-                f"note: the checkpoint's data stream position is for another number of "
-                f"processes or data workers (or it has none): the epoch was read again up to "
-                f"batch {stats.replayed}, so the rest of it differs from an uninterrupted run's"
-            )
-        if stats.steps == stats.start_step:
-            err.print(
-                f"nothing to train: the run is at step {stats.start_step} of "
-                f"{stats.total_steps}; raise --steps to go further"
-            )
-        summary("train", stats, time.time() - t)
 
 
 @app.command("encode-labels")
@@ -207,136 +230,20 @@ def encode_labels(
 
 @app.command("eval")
 @handle_errors
-def eval_(
-    dataset: Annotated[
-        str, typer.Option(help="voc, voc20, context, context60, object, stuff, city, ade or world")
-    ],
-    data_root: Annotated[str, typer.Option(help="The dataset's folder (MMSegmentation's layout)")],
-    checkpoint: CheckpointOpt = None,
-    preset: PresetOpt = "tiny",
-    decoder_init: DecoderInitOpt = None,
-    set_: SetOpt = [],  # noqa: B006
-    classes: Annotated[
-        str | None, typer.Option(help="Class file: one class a line, ', ' between synonyms")
-    ] = None,
-    method: MethodOpt = None,
-    protocol: Annotated[
-        str,
-        typer.Option(
-            help="tcl (TCL/GroupViT's harness), sclip (SCLIP/NACLIP/ClearCLIP's), both common "
-            "to every method; or native (each method's own authors' config of the dataset)"
-        ),
-    ] = "tcl",
-    pamr: Annotated[
-        bool | None,
-        typer.Option(
-            "--pamr/--no-pamr",
-            help="PAMR refinement, as the protocol applies it (default: the protocol's; "
-            "native NACLIP's is on)",
-        ),
-    ] = None,
-    templates: Annotated[
-        str | None,
-        typer.Option(
-            help="Prompt templates: tcl9, imagenet80, clip7, single or a file (default: the protocol's)"
-        ),
-    ] = None,
-    names: Annotated[
-        str,
-        typer.Option(
-            help="Prompted class names: protocol (the peers' own files for the protocol, "
-            "background's names prompted under sclip) or project (this project's class files)"
-        ),
-    ] = "protocol",
-    limit: Annotated[int, typer.Option(help="Only the first N images (0: all)")] = 0,
-    subset: Annotated[
-        str | None,
-        typer.Option(
-            help="Also score a subset of the classes: vilseg-unseen (ViL-Seg's unseen classes), "
-            "or a file (one class a line, or JSON {dataset: [names]})"
-        ),
-    ] = None,
-    subset_mode: Annotated[
-        str,
-        typer.Option(
-            help="gzsl: every class a candidate, the subset scored; zsl: only the subset's "
-            "classes predicted, other pixels ignored"
-        ),
-    ] = "gzsl",
-    mode: Annotated[
-        str | None, typer.Option(help="slide or whole (default: the protocol's)")
-    ] = None,
-    short_side: Annotated[
-        int, typer.Option(help="Short side after resizing (0: the protocol's)")
-    ] = 0,
-    long_side: Annotated[
-        int | None, typer.Option(help="Cap on the long side (0: none; default: the protocol's)")
-    ] = None,
-    window: Annotated[int, typer.Option(help="Sliding window (0: the protocol's)")] = 0,
-    stride: Annotated[int, typer.Option(help="Sliding stride (0: the protocol's)")] = 0,
-    average: Annotated[
-        str | None,
-        typer.Option(help="What windows average: prob or score (default: the protocol's)"),
-    ] = None,
-    bg_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Background where no class probability is above this (default: the protocol's)"
-        ),
-    ] = None,
-    area_threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Drop a class given no more than this share of the foreground's pixels "
-            "(SCLIP's area_thd; 0: none; default: the protocol's)"
-        ),
-    ] = None,
-    logit_scale: Annotated[
-        float,
-        typer.Option(
-            help="Softmax temperature of training-free cosines (0: the protocol's, or the method's)"
-        ),
-    ] = 0.0,
-    output: Annotated[
-        str | None,
-        typer.Option(help="Folder for the result files (default: beside the checkpoint)"),
-    ] = None,
-    device: DeviceOpt = "auto",
-) -> None:
+@options_of(
+    EvalConfig,
+    flags={"overrides": ("--set",)},
+    extra_help={"method": METHOD_CHOICES, "subset": "(JSON {dataset: [names]} or one a line)"},
+)
+def eval_(**settings) -> None:
     """Zero-shot mIoU on a benchmark's validation split (MMSegmentation's metric)."""
     from rich.table import Table
 
     from synseg.console import out, progress
-    from trainer.eval.evaluate import EvalConfig, run_eval
+    from trainer.eval.evaluate import run_eval
 
-    cfg = EvalConfig(
-        dataset=dataset,
-        data_root=data_root,
-        checkpoint=checkpoint,
-        preset=preset,
-        decoder_init=decoder_init,
-        overrides=tuple(set_),
-        classes=classes,
-        method=method,
-        protocol=protocol,
-        pamr=pamr,
-        names=names,
-        templates=templates,
-        limit=limit,
-        subset=subset,
-        subset_mode=subset_mode,
-        mode=mode,
-        short_side=short_side,
-        long_side=long_side,
-        window=window,
-        stride=stride,
-        average=average,
-        bg_threshold=bg_threshold,
-        area_threshold=area_threshold,
-        logit_scale=logit_scale,
-        output=output,
-        device=device,
-    )
+    cfg = EvalConfig(**settings_of(EvalConfig, settings))
+    dataset, protocol = cfg.dataset, cfg.protocol
     with progress(f"evaluating {dataset}", "images") as (total, advance, _):
         res = run_eval(cfg, on_start=total, on_advance=advance)
     table = Table(
@@ -363,24 +270,16 @@ def eval_(
 
 @app.command()
 @handle_errors
+@options_of(PrepareConfig)
 def prepare(
-    dataset: Annotated[str, typer.Argument(help="voc, context, object, stuff, city or ade")],
-    source: Annotated[str, typer.Option(help="The dataset as its authors publish it")],
-    output: Annotated[
-        str, typer.Option(help="Folder for MMSegmentation's layout (--data-root of eval)")
-    ],
-    annotations: Annotated[
-        str | None, typer.Option(help="context: trainval_merged.json (default: in --source)")
-    ] = None,
-    processes: Annotated[
-        int, typer.Option(help="Worker processes (0: one per core, at most 8)")
-    ] = 0,
+    dataset: Annotated[str, typer.Argument(help=field_docs(PrepareConfig)["dataset"])],
+    **settings,
 ) -> None:
     """Convert a benchmark's validation split into the layout eval reads (no mmcv needed)."""
     from synseg.console import progress
-    from trainer.eval.prepare import PrepareConfig, run_prepare
+    from trainer.eval.prepare import run_prepare
 
-    cfg = PrepareConfig(dataset, source, output, annotations, processes)
+    cfg = PrepareConfig(dataset=dataset, **settings_of(PrepareConfig, settings))
     t = time.time()
     with progress(f"preparing {dataset}", "images") as (total, advance, _):
         stats = run_prepare(cfg, on_start=total, on_advance=advance)
@@ -478,22 +377,13 @@ def picture_stems(images: list[Path]) -> list[str]:
 
 @app.command()
 @handle_errors
-def export(
-    checkpoint: Annotated[str, typer.Option(help="A run folder, or one of its checkpoints")],
-    output: Annotated[str, typer.Option(help="The folder to write (must not exist)")],
-    format_: Annotated[
-        str,
-        typer.Option("--format", help="hf: Hugging Face's CLIPSegForImageSegmentation"),
-    ] = "hf",
-    push_to_hub: Annotated[
-        str | None, typer.Option(help="Also upload the folder to this Hub repository (user/name)")
-    ] = None,
-) -> None:
+@options_of(ExportConfig)
+def export(**settings) -> None:
     """Write a trained run as a checkpoint other code loads (transformers' from_pretrained)."""
     from synseg.console import out
-    from trainer.export import ExportConfig, run_export
+    from trainer.export import run_export
 
-    stats = run_export(ExportConfig(checkpoint, output, format_, push_to_hub))
+    stats = run_export(ExportConfig(**settings_of(ExportConfig, settings)))
     out.print(f"{stats.method} from {stats.checkpoint}: {stats.tensors} tensors in {stats.output}")
     if stats.pushed_to:
         out.print(f"pushed to {stats.pushed_to}")
@@ -538,33 +428,16 @@ def presets() -> None:
 
 @app.command()
 @handle_errors
-def demo(
-    count: Annotated[int, typer.Option(help="Train images of the synthetic world")] = 1600,
-    mccl_steps: Annotated[int, typer.Option(help="MCCL training steps")] = 150,
-    ablations: Annotated[
-        bool, typer.Option(help="Also run the loss ablation (paper's Table 2)")
-    ] = True,
-    seeds: Annotated[int, typer.Option(help="Seeds per MCCL row (42, 43, ...)")] = 3,
-    report: Annotated[str, typer.Option(help="Report folder")] = "reports/world",
-    device: DeviceOpt = "auto",
-    set_: Annotated[list[str], typer.Option("--set", help="Extra setting for the MCCL runs")] = [],  # noqa: B006
-) -> None:
+@options_of(WorldDemoConfig, flags={"overrides": ("--set",)})
+def demo(**settings) -> None:
     """The whole chain on the synthetic world, offline, ending with a report."""
     from rich.table import Table
 
     from synseg.console import out
-    from trainer.world.demo import WorldDemoConfig, run_world_demo
+    from trainer.world.demo import run_world_demo
     from trainer.world.report import pm
 
-    cfg = WorldDemoConfig(
-        count=count,
-        mccl_steps=mccl_steps,
-        ablations=ablations,
-        seeds=seeds,
-        report=report,
-        device=device,
-        overrides=list(set_),
-    )
+    cfg = WorldDemoConfig(**settings_of(WorldDemoConfig, settings))
     result = run_world_demo(
         cfg, on_stage=lambda name, what: err.print(f"[green]done[/green] {name}: {what}")
     )

@@ -37,36 +37,35 @@ NAMES = ("protocol", "project")
 
 @dataclass
 class EvalConfig:
-    dataset: str
-    data_root: str
-    checkpoint: str | None = None  # a run or checkpoint folder; None: an untrained model
-    preset: str = "tiny"  # the untrained model's settings (no checkpoint)
+    dataset: str  # voc, voc20, context, context60, object, stuff, city, ade or world
+    data_root: str  # the dataset's folder (MMSegmentation's layout)
+    checkpoint: str | None = None  # run or checkpoint folder (none: an untrained model)
+    preset: str = "tiny"  # the untrained model's settings, when there is no --checkpoint
     decoder_init: str | None = None  # the untrained model's decoder weights (CLIPSeg or HF)
-    overrides: tuple[str, ...] = ()  # the untrained model's settings, as ``group.field=value``
-    classes: str | None = None  # class file (default: trainer/eval/classnames/<dataset>.txt)
-    method: str | None = None  # trainer.methods; None: the checkpoint's own (synseg without one)
-    protocol: str = "tcl"  # tcl, sclip or native (trainer.eval.protocols): the defaults below
-    pamr: bool | None = None  # PAMR refinement, where the protocol applies it (None: its default)
-    names: str = "protocol"  # prompted class names: the protocol's peers' (protocol) or project
+    overrides: tuple[str, ...] = ()  # an untrained model's setting, e.g. model.normalise=clip
+    classes: str | None = None  # class file: one class a line, ', ' between synonyms
+    method: str | None = None  # what scores (synseg-train methods): the checkpoint's own by default
+    protocol: str = "tcl"  # tcl, sclip (common to every method) or native (each method's own)
+    pamr: bool | None = None  # PAMR refinement, where the protocol applies it (default: its own)
+    names: str = "protocol"  # prompted class names: protocol (the peers' files) or project
     # Each of these, when given, replaces the protocol's value.
-    templates: str | None = None  # prompt templates: a name in trainer/eval/templates or a file
-    mode: str | None = None  # slide or whole
-    short_side: int = 0
-    long_side: int | None = None  # 0: no cap
-    window: int = 0
-    stride: int = 0
-    average: str | None = None  # prob or score
-    bg_threshold: float | None = None
-    area_threshold: float | None = None  # SCLIP's area_thd (0: none)
-    synonyms: bool | None = None
-    logit_scale: float = 0.0  # softmax temperature of cosine scores (0: the protocol's, or
-    # the method's own)
-    limit: int = 0  # evaluate only the first N images (0: all)
-    subset: str | None = None  # also score these classes: a name in trainer/eval/subsets or a file
+    templates: str | None = None  # prompt templates: tcl9, imagenet80, clip7, single or a file
+    mode: str | None = None  # slide or whole (default: the protocol's)
+    short_side: int = 0  # short side after resizing (0: the protocol's)
+    long_side: int | None = None  # cap on the long side (0: none; default: the protocol's)
+    window: int = 0  # sliding window (0: the protocol's)
+    stride: int = 0  # sliding stride (0: the protocol's)
+    average: str | None = None  # what windows average: prob or score (default: the protocol's)
+    bg_threshold: float | None = None  # background where no class probability is above this
+    area_threshold: float | None = None  # drop a class with no more of the foreground (SCLIP's)
+    synonyms: bool | None = None  # every name of a class, or its first (default: the protocol's)
+    logit_scale: float = 0.0  # softmax temperature of cosines (0: the protocol's or method's)
+    limit: int = 0  # only the first N images (0: all)
+    subset: str | None = None  # also score a class subset: vilseg-unseen, or a file
     subset_mode: str = "gzsl"  # gzsl: every class a candidate; zsl: only the subset's
-    output: str | None = None  # where results go (default: beside the checkpoint)
-    device: str = "auto"
-    seed: int = 0  # fresh decoder weights of an untrained model
+    output: str | None = None  # folder for the result files (default: beside the checkpoint)
+    device: str = "auto"  # auto, cpu or cuda
+    seed: int = 0  # the untrained model's decoder weights are drawn from this seed
 
     def __post_init__(self) -> None:
         if self.method is not None:
@@ -269,12 +268,16 @@ def _check_background_options(cfg: EvalConfig, data: Dataset, background: bool) 
             )
 
 
-def scoring(cfg: EvalConfig, data: Dataset, keep: list[int] | None, device) -> Scoring:
-    """The model, protocol and segmenter ``cfg`` scores ``data`` with (``keep``: a subset)."""
+def scoring(
+    cfg: EvalConfig, data: Dataset, keep: list[int] | None, device, built: tuple | None = None
+) -> Scoring:
+    """The model, protocol and segmenter ``cfg`` scores ``data`` with (``keep``: a subset;
+    ``built``: the (model, its TrainConfig, checkpoint folder, method) to score, else the one
+    ``cfg`` names)."""
     zsl = keep is not None and cfg.subset_mode == "zsl"
     background = data.spec.background and not zsl
     _check_background_options(cfg, data, background)
-    model, train_cfg, ckpt, method = build_model(
+    model, train_cfg, ckpt, method = built or build_model(
         cfg.checkpoint,
         cfg.preset,
         cfg.decoder_init,
@@ -296,6 +299,19 @@ def scoring(cfg: EvalConfig, data: Dataset, keep: list[int] | None, device) -> S
     return Scoring(
         model, train_cfg, ckpt, method, protocol, infer, templates, names_file, classes, seg, lut
     )
+
+
+@torch.no_grad()
+def validate(model, train_cfg, dataset: str, data_root: str, limit: int = 0, protocol: str = "tcl"):
+    """mIoU, mAcc and aAcc of an in-memory model of ``train_cfg``'s method on a benchmark, as
+    ``eval`` scores it (the training loop's ``run.val_every``)."""
+    device = next(model.parameters()).device
+    cfg = EvalConfig(dataset, data_root, protocol=protocol, limit=limit, device=str(device))
+    data = open_dataset(dataset, data_root, None, limit)
+    sc = scoring(cfg, data, None, device, built=(model, train_cfg, None, train_cfg.method))
+    acc, _ = _score(sc.segmenter, data, len(sc.classes), None, None, None)
+    summary = acc.summary([c[0] for c in data.classes])
+    return {k: summary[k] for k in ("mIoU", "mAcc", "aAcc", "images")}
 
 
 def run_eval(

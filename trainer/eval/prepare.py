@@ -420,11 +420,11 @@ def _ade_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
 
 @dataclass
 class PrepareConfig:
-    dataset: str
-    source: str
-    output: str
+    dataset: str  # voc, context, object, stuff, city or ade
+    source: str  # the dataset as its authors publish it
+    output: str  # folder for MMSegmentation's layout (--data-root of eval)
     annotations: str | None = None  # context: trainval_merged.json (default: in --source)
-    processes: int = 0  # 0: one per core, at most 8
+    processes: int = 0  # worker processes (0: one per core, at most 8)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:

@@ -31,6 +31,7 @@ from trainer.eval.infer import template_problem
 DEFAULT_METHOD = "synseg"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
+REPORTERS = ("tensorboard", "wandb")  # where run.report_to sends the metrics too
 
 
 @dataclass
@@ -68,7 +69,12 @@ class RunConfig:
     compile: bool = False  # torch.compile the training forward pass
     log_every: int = 10  # steps between metric lines
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
-    tensorboard: bool = False  # also write TensorBoard events
+    report_to: str = ""  # also send metrics to tensorboard, wandb or both (comma-separated)
+    val_every: int = 0  # steps between validations: mIoU on val_dataset, logged (0: none)
+    val_dataset: str = "world"  # the benchmark validated on (eval's --dataset)
+    val_root: str = "data/world"  # its folder (eval's --data-root)
+    val_limit: int = 0  # its first N images only (0: all)
+    val_protocol: str = "tcl"  # the protocol validation scores under
     text_cache: str = ""  # folder of the label-embedding cache (default: <output>/text_cache)
     encode_batch: int = 1024  # phrases per text-tower call when the vocabulary is encoded
     encode_save_every: float = 120.0  # seconds between saves of the label cache while encoding
@@ -348,6 +354,8 @@ def _check(cfg: TrainConfig) -> list[str]:
         ("run.save_every", cfg.run.save_every, 0),
         ("run.encode_batch", cfg.run.encode_batch, 1),
         ("run.encode_save_every", cfg.run.encode_save_every, 0),
+        ("run.val_every", cfg.run.val_every, 0),
+        ("run.val_limit", cfg.run.val_limit, 0),
     ):
         if value < low:
             problems.append(f"{name} must be at least {low}, not {value}")
@@ -361,9 +369,21 @@ def _check(cfg: TrainConfig) -> list[str]:
         problems.append("optim.epochs or optim.max_steps must be at least 1")
     if cfg.run.precision not in ("auto", "bf16", "fp32"):
         problems.append("run.precision must be auto, bf16 or fp32")
+    unknown = sorted(set(reporters(cfg.run)) - set(REPORTERS))
+    if unknown:
+        problems.append(
+            f"run.report_to: {', '.join(unknown)} unknown; choose from {', '.join(REPORTERS)}"
+        )
+    if cfg.run.val_protocol not in ("tcl", "sclip", "native"):
+        problems.append("run.val_protocol must be tcl, sclip or native")
     if problem := template_problem(cfg.data.template):
         problems.append(f"data.template {problem}")
     return problems + methods.trained(cfg.method).check(cfg)
+
+
+def reporters(run: RunConfig) -> list[str]:
+    """The names in ``run.report_to``."""
+    return [r.strip() for r in run.report_to.split(",") if r.strip()]
 
 
 def from_dict(data: dict) -> TrainConfig:
@@ -372,6 +392,11 @@ def from_dict(data: dict) -> TrainConfig:
     problems: list[str] = []
     method = data.get("method", DEFAULT_METHOD)
     methods.trained(method)
+    run = data.get("run")
+    if isinstance(run, dict) and "tensorboard" in run:  # saved before run.report_to
+        run = {k: v for k, v in run.items() if k != "tensorboard"}
+        run.setdefault("report_to", "tensorboard" if data["run"]["tensorboard"] else "")
+        data = {**data, "run": run}
     base = TrainConfig(method=method).to_dict()
     _merge(base, data, "", problems)
     cfg = None if problems else _from_data(method, base, problems)

@@ -31,7 +31,7 @@ from synseg.shards import VOCABULARY
 from trainer import methods
 from trainer.methods.base import StepContext
 from trainer.train import checkpoint, distributed
-from trainer.train.config import TrainConfig
+from trainer.train.config import TrainConfig, reporters
 from trainer.train.data import ShardSet, ShardStream, Vocabulary, find_shards, loader
 from trainer.train.distributed import Ranks
 from trainer.train.metrics import MetricsLog
@@ -54,6 +54,7 @@ class TrainStats:
     # this number of processes and data workers, so the epoch restarts and skips them (the
     # rest of it is not the uninterrupted run's).
     replayed: int = 0
+    val: dict = field(default_factory=dict)  # the last validation (run.val_every)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -312,6 +313,10 @@ def run_train(
                 f"data.absent draws negatives from {Path(cfg.data.shards) / VOCABULARY}, which "
                 "does not exist; run `synseg-data pack` again to write it"
             )
+        if cfg.run.val_every:  # one line now, not at the first validation
+            from trainer.eval.datasets import open_dataset
+
+            open_dataset(cfg.run.val_dataset, cfg.run.val_root, limit=cfg.run.val_limit)
         cache = _label_table(cfg, model, vocab, env, on_encode_start, on_encode)
         stats.phrases_encoded = cache.encoded if cache is not None else 0
         net = _wrap(model, cfg, env, device)
@@ -334,7 +339,7 @@ def _read(terms: dict[str, torch.Tensor]) -> dict[str, float]:
 def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, on_step) -> None:
     """Epochs of batches from the stream, from where the plan starts to its last step."""
     run = Path(cfg.run.output)
-    metrics = MetricsLog(run, plan.start_step, env.main, cfg.run.tensorboard)
+    metrics = MetricsLog(run, plan.start_step, env.main, reporters(cfg.run), cfg.to_dict())
     stream = ShardStream(
         plan.shards,
         cfg.data.image_size,
@@ -389,6 +394,7 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
                     )
                 if on_step and env.main:
                     on_step(step, total, values, rate)
+                _validate(cfg, model, step, metrics, stats, env)
                 if save:
                     where = {"epoch": epoch, "batches": i + 1, "positions": positions}
                     stats.checkpoint = _save(
@@ -398,6 +404,26 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
                     return
     finally:
         metrics.close()
+
+
+def _validate(cfg, model, step: int, metrics: MetricsLog, stats: TrainStats, env) -> None:
+    """Every ``run.val_every`` steps, the main process scores the model as it is on
+    ``run.val_dataset`` (eval's protocol and metric) and logs it; the others wait at their
+    next step."""
+    if not (cfg.run.val_every and step % cfg.run.val_every == 0 and env.main):
+        return
+    from trainer.eval.evaluate import validate
+
+    model.eval()
+    try:
+        run = cfg.run
+        scores = validate(
+            model, cfg, run.val_dataset, run.val_root, run.val_limit, run.val_protocol
+        )
+    finally:
+        model.train()
+    stats.val = {"step": step, "dataset": cfg.run.val_dataset, **scores}
+    metrics.write({"step": step, "val": stats.val})
 
 
 def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:

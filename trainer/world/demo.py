@@ -62,22 +62,22 @@ class WorldDemoConfig:
     count: int = WorldConfig.count  # train images of the world (captions only)
     val_count: int = WorldConfig.val_count  # held-out images with masks (the evaluation)
     ref_count: int = WorldConfig.ref_count  # images with masks for the CLIPSeg-style stage
-    port: int = 8642
+    port: int = WorldConfig.port  # loopback port the world is served on
     runs: str = "runs/world"  # models and training runs
     report: str = "reports/world"  # the report folder
-    pretrain_steps: int = 250
-    init_steps: int = 250
-    mccl_steps: int = 150
-    mccl_lr: float = 1e-4
-    batch_size: int = 16
+    pretrain_steps: int = 250  # in-world CLIP pretraining steps
+    init_steps: int = 250  # CLIPSeg-style decoder steps
+    mccl_steps: int = 150  # MCCL (and ViL-Seg) training steps
+    mccl_lr: float = 1e-4  # their learning rate
+    batch_size: int = 16  # their batch size
     seeds: int = 3  # MCCL seeds per row (42, 43, ...)
     ablations: bool = True  # the Table 2 ablation (one MCCL row per left-out term)
     sweep: bool = True  # the paper's SGD and each switch beyond the paper
     vilseg: bool = True  # ViL-Seg rows: from the in-world CLIP (at mccl_lr) and from scratch
     baselines: bool = True  # the training-free methods on the in-world CLIP
-    device: str = "auto"
-    processes: int = 2
-    overrides: list[str] = field(default_factory=list)  # extra settings for the MCCL runs
+    device: str = "auto"  # auto, cpu or cuda
+    processes: int = 2  # spaCy workers of the data chain
+    overrides: list[str] = field(default_factory=list)  # extra setting for the MCCL runs
 
 
 @dataclass
