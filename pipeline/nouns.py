@@ -52,6 +52,11 @@ SCHEMA = pa.schema(
     ]
 )
 _PERSON = re.compile(r"<\s*person\s*>", re.IGNORECASE)
+# Below this many captions to parse, the run parses them in this process: a worker needs two to
+# three seconds to start and load spaCy, which about 1,000 captions/s per core (two cores,
+# en_core_web_sm without ner and lemmatizer) only win back past some 5,000 captions
+# (benchmarks/nouns.py measures the whole command at 1,500 and 50,000).
+POOL_MIN_CAPTIONS = 5000
 
 
 @dataclass
@@ -83,6 +88,7 @@ class NounsStats:
     empty_captions: int = 0
     no_phrase: int = 0  # captions that gave no phrase
     phrases: int = 0
+    processes: int = 0  # spaCy processes that parsed (1: this one; the input was too small)
 
 
 def resolve_model(model: str) -> str:
@@ -291,10 +297,14 @@ def _extract_all(
             stats.skipped += 1
         else:
             todo.append((shard, inputs))
+    # Row counts from the files' footers: no shard's captions are read before its turn, so
+    # memory is bounded by one shard, not by the dataset.
+    total = sum(_success_count(s) for s, _ in todo)
     if on_start:
-        # Row counts from the files' footers: no shard's captions are read before its turn,
-        # so memory is bounded by one shard, not by the dataset.
-        on_start(sum(_success_count(s) for s, _ in todo))
+        on_start(total)
+    if dist.distributor == "local" and total < POOL_MIN_CAPTIONS:
+        extractor.processes = 1  # starting workers would cost more than they save
+    stats.processes = extractor.processes if dist.distributor == "local" else dist.workers
     if dist.distributor == "local":
         job = NounsShard(cfg, settings, extractor)
         job.on_advance = on_advance

