@@ -320,6 +320,13 @@ def test_the_python_api_segments_as_eval_does(world, checkpoint):
     labels_tf, probs_tf = free.segment(np.asarray(Image.open(img)), ["grass", "sky"])
     assert free.method == "sclip" and labels_tf.shape == (h, w)
     assert torch.allclose(probs_tf.sum(0), torch.ones(h, w), atol=1e-5)  # one softmax
+    # every kind of method: an untrained ViL-Seg, CLIPSeg's decoder from released weights
+    vilseg = trainer.load(method="vilseg", dataset="world", device="cpu")
+    assert vilseg.segment(img, classes)[0].shape == (h, w)
+    weights = checkpoint.parent / "decoder-weights.pth"
+    torch.save(model.decoder.state_dict(), weights)  # CLIPSeg's layout: the decoder's names
+    clipseg = trainer.load(method="clipseg", decoder_init=str(weights), dataset="world")
+    assert clipseg.method == "clipseg" and clipseg.segment(img, classes)[1].shape == (3, h, w)
     with pytest.raises(UserError, match="at least one class"):
         seg.segment(img, [])
     with pytest.raises(UserError, match="takes no setting windows"):

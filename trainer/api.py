@@ -101,7 +101,14 @@ def load(
         checkpoint, preset, decoder_init, dev, seed, tuple(overrides), method
     )
     cfg = EvalConfig(
-        dataset, ".", method=method, protocol=protocol, templates=templates, **inference
+        dataset,
+        ".",
+        checkpoint=checkpoint,
+        decoder_init=decoder_init,
+        method=method,
+        protocol=protocol,
+        templates=templates,
+        **inference,
     )
     infer = cfg.inference(model.native_size, method)
     scorer = methods.scorer(method, model, train_cfg, infer)
