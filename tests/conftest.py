@@ -89,6 +89,19 @@ def shards(raw, labels) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(shards, tmp_path_factory) -> Path:
+    """Two steps of the tiny SynSeg preset on the world's shards: a run folder to load,
+    score and export."""
+    from trainer.train.config import resolve
+    from trainer.train.loop import run_train
+
+    out = tmp_path_factory.mktemp("tinyrun") / "run"
+    overrides = [f"data.shards={shards}", f"run.output={out}", "optim.max_steps=2"]
+    run_train(resolve("tiny", overrides=[*overrides, "data.batch_size=8"]))
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -90,23 +90,8 @@ def test_templates_and_settings_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shards, tmp_path_factory):
-    from trainer.train.config import resolve
-    from trainer.train.loop import run_train
-
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    run_train(
-        resolve(
-            "tiny",
-            overrides=[
-                f"data.shards={shards}",
-                f"run.output={out}",
-                "optim.max_steps=2",
-                "data.batch_size=8",
-            ],
-        )
-    )
-    return out
+def checkpoint(tiny_run):
+    return tiny_run
 
 
 def test_eval_on_the_world_from_the_command_line(world, checkpoint):

@@ -18,23 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def run(shards, tmp_path_factory) -> Path:
-    from trainer.train.config import resolve
-    from trainer.train.loop import run_train
-
-    out = tmp_path_factory.mktemp("export") / "run"
-    run_train(
-        resolve(
-            "tiny",
-            overrides=[
-                f"data.shards={shards}",
-                f"run.output={out}",
-                "optim.max_steps=2",
-                "data.batch_size=8",
-            ],
-        )
-    )
-    return out
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

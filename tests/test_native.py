@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from synseg.errors import UserError
+from tests.test_methods import clearclip_padsize  # ClearCLIP's compute_padsize
 from trainer.eval.datasets import CLASSNAMES, SPECS, open_dataset, read_classnames
 from trainer.eval.evaluate import EvalConfig, result_stem, scoring
 from trainer.eval.infer import InferConfig, read_templates, rescale_size, resize_bilinear
@@ -160,18 +161,6 @@ PEER_MEAN = torch.tensor([122.771, 116.746, 104.094], dtype=torch.float64).view(
 PEER_STD = torch.tensor([68.501, 66.632, 70.323], dtype=torch.float64).view(1, 3, 1, 1)
 
 
-def compute_padsize(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
-    """ClearCLIP's ``compute_padsize``: (left, right, top, bottom)."""
-    left = right = top = bottom = 0
-    if w % patch:
-        lr = patch - (w % patch)
-        left, right = lr // 2, lr - lr // 2
-    if h % patch:
-        tb = patch - (h % patch)
-        top, bottom = tb // 2, tb - tb // 2
-    return left, right, top, bottom
-
-
 def forward_feature(exact: DenseCLIP, peer: str, img: torch.Tensor, text: torch.Tensor):
     """The peers' ``forward_feature`` of a normalised image (1, 3, H, W): patch features of
     the rewritten last block, normalised, cosines with the queries, bilinear to (H, W)."""
@@ -200,7 +189,7 @@ def forward_slide(exact, peer, img, text, stride: int, crop: int):
             y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
             crop_img = img[:, :, y1:y2, x1:x2]
             H, W = crop_img.shape[2:]
-            pad = compute_padsize(H, W, exact.patch_size) if peer == "clearclip" else (0,) * 4
+            pad = clearclip_padsize(H, W, exact.patch_size) if peer == "clearclip" else (0,) * 4
             if any(pad):
                 crop_img = F.pad(crop_img, pad)
             logit = forward_feature(exact, peer, crop_img, text)

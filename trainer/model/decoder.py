@@ -153,6 +153,17 @@ def from_clipseg(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(("reduce.", "model.", "clip."))}
 
 
+# A decoder block's parts: nn.TransformerEncoderLayer's names -> transformers' CLIPSeg's
+# (the attention's in-projection is split into q, k and v there).
+HF_BLOCK_PARTS = {
+    "self_attn.out_proj": "self_attn.out_proj",
+    "linear1": "mlp.fc1",
+    "linear2": "mlp.fc2",
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+}
+
+
 def from_huggingface(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The decoder of a Hugging Face ``CLIPSegForImageSegmentation`` state dict."""
     out: dict[str, torch.Tensor] = {}
@@ -171,11 +182,8 @@ def from_huggingface(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[dst + f"self_attn.in_proj_{kind}"] = torch.cat(
                 [dec[src + f"self_attn.{q}_proj.{kind}"] for q in ("q", "k", "v")]
             )
-            out[dst + f"self_attn.out_proj.{kind}"] = dec[src + f"self_attn.out_proj.{kind}"]
-            out[dst + f"linear1.{kind}"] = dec[src + f"mlp.fc1.{kind}"]
-            out[dst + f"linear2.{kind}"] = dec[src + f"mlp.fc2.{kind}"]
-            out[dst + f"norm1.{kind}"] = dec[src + f"layer_norm1.{kind}"]
-            out[dst + f"norm2.{kind}"] = dec[src + f"layer_norm2.{kind}"]
+            for ours, theirs in HF_BLOCK_PARTS.items():
+                out[dst + f"{ours}.{kind}"] = dec[src + f"{theirs}.{kind}"]
     return out
 
 

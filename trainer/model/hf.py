@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from synseg.errors import UserError
+from trainer.model.decoder import HF_BLOCK_PARTS
 
 # open_clip's block parts -> transformers' CLIP encoder layer parts
 _BLOCK = {
@@ -98,11 +99,8 @@ def decoder_state_dict(decoder) -> dict[str, torch.Tensor]:
             q, k, v = sd[src + f"self_attn.in_proj_{kind}"].chunk(3)
             for name, t in (("q", q), ("k", k), ("v", v)):
                 out[dst + f"self_attn.{name}_proj.{kind}"] = t
-            out[dst + f"self_attn.out_proj.{kind}"] = sd[src + f"self_attn.out_proj.{kind}"]
-            out[dst + f"mlp.fc1.{kind}"] = sd[src + f"linear1.{kind}"]
-            out[dst + f"mlp.fc2.{kind}"] = sd[src + f"linear2.{kind}"]
-            out[dst + f"layer_norm1.{kind}"] = sd[src + f"norm1.{kind}"]
-            out[dst + f"layer_norm2.{kind}"] = sd[src + f"norm2.{kind}"]
+            for ours, theirs in HF_BLOCK_PARTS.items():
+                out[dst + f"{theirs}.{kind}"] = sd[src + f"{ours}.{kind}"]
     return out
 
 
