@@ -19,6 +19,7 @@ from pipeline.filter import FilterConfig
 from pipeline.inspection import InspectConfig
 from pipeline.nouns import NounsConfig
 from pipeline.pack import PackConfig
+from pipeline.pairs import PairConfig
 from pipeline.world import WorldConfig
 from synseg.console import err, handle_errors, out, print_result, progress, run_app, summary
 from synseg.errors import UserError
@@ -144,6 +145,20 @@ def pack(**settings) -> None:
     with progress("packing", "raw shards") as (total, advance, _):
         stats = run_pack(cfg, on_start=total, on_advance=advance)
     summary("pack", stats, time.time() - t)
+
+
+@app.command()
+@handle_errors
+@options_of(PairConfig)
+def pair(**settings) -> None:
+    """Pair each packed image with images that share an entity (partners.parquet)."""
+    from pipeline.pairs import run_pair
+
+    cfg = PairConfig(**settings_of(PairConfig, settings))
+    t = time.time()
+    with progress("pairing", "shards") as (total, advance, _):
+        stats = run_pair(cfg, on_start=total, on_advance=advance)
+    summary("pair", stats, time.time() - t)
 
 
 @app.command()

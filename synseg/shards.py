@@ -8,6 +8,10 @@ which reads it; written once, here.
   row keeps its id across downloads; a member name must match ``SAFE_UID``.
 - ``vocabulary.parquet`` (``VOCABULARY``): every label phrase of the shards, sorted, with the
   number of images that carry it (columns ``phrase``, ``images``).
+- ``partners.parquet`` (``PARTNERS``, written by ``synseg-data pair`` after ``pack``, for
+  methods that pair images by a shared entity): a row per sample with ``PARTNER_COLUMNS``:
+  its ``uid``, the ``shard`` that holds it and its image member's ``offset`` and ``size`` in
+  bytes, its ``entities``, and up to N ``partners`` (uids) with the entity each ``shared``.
 - ``sizes.json`` (``SIZES``): every shard's name and sample count; written last, it marks the
   folder complete (``read_sizes`` checks it).
 """
@@ -23,6 +27,8 @@ from synseg.errors import UserError
 
 SIZES = "sizes.json"
 VOCABULARY = "vocabulary.parquet"
+PARTNERS = "partners.parquet"
+PARTNER_COLUMNS = ("uid", "shard", "offset", "size", "entities", "partners", "shared")
 SAMPLE_KEYS = ("labels", "caption", "uid", "key")
 # A uid becomes a tar member name (<uid>.jpg): no separators, no dots (WebDataset splits the
 # key from the extension at the first dot), nothing a shell or a file system treats specially.

@@ -14,6 +14,10 @@ each method's own.
 |                    |                                           | ``prob_thd`` 0.1 on VOC, Context-60, COCO-Object |
 | PAMR (``--pamr``)  | per window, dilations 1-24                | on the whole image, dilations 8, 16         |
 
+``ovsegmentor`` is OVSegmentor's own (its section 4.1): ``tcl``'s geometry and names, CLIP's
+ImageNet templates, and a background threshold per dataset (VOC 0.9, Context-60 0.35,
+COCO-Object 0.9, ADE 0.95).
+
 The common protocols run every method under one harness, for side-by-side tables. ``native``
 scores each method as its own authors do: a training-free method with its repository's config
 of that benchmark (``trainer.methods.training_free.native_config``: per dataset its short side,
@@ -59,6 +63,8 @@ class Protocol:
     area_threshold: float = 0.0  # SCLIP's area_thd (0: none)
     pamr_default: bool = False  # PAMR on unless --no-pamr
     source: str = ""  # where a native protocol's values come from
+    # a dataset's own background threshold, over ``bg_threshold`` (dataset, value) pairs
+    bg_by_dataset: tuple[tuple[str, float], ...] = ()
 
 
 PROTOCOLS = {
@@ -95,6 +101,28 @@ PROTOCOLS = {
         prompt_background=True,
         short_side_city=560,
     ),
+    # OVSegmentor's section 4.1 (GroupViT's harness): short side 448, GroupViT's background
+    # thresholds per dataset; its public configs slide 448-px windows at stride 224 and set
+    # 0.95 for VOC (segmentation/configs/_base_/datasets/pascal_voc12.py) where the paper says
+    # 0.9. Templates: CLIP's ImageNet ones, as GroupViT's harness prompts.
+    "ovsegmentor": Protocol(
+        "ovsegmentor",
+        short_side=448,
+        long_side=2048,
+        window=448,
+        stride=224,
+        templates="imagenet80",
+        average="prob",
+        synonyms=False,
+        bg_threshold=0.5,
+        bg_threshold_pamr=0.5,
+        pamr_on="window",
+        pamr_dilations=TCL_DILATIONS,
+        names="tcl",
+        prompt_background=False,
+        bg_by_dataset=(("voc", 0.9), ("context60", 0.35), ("object", 0.9), ("ade", 0.95)),
+        source="OVSegmentor (CVPR 2023) section 4.1",
+    ),
 }
 
 
@@ -110,15 +138,19 @@ def get_protocol(name: str, method: str | None = None, dataset: str | None = Non
     """The protocol ``name``; ``native`` is ``method``'s own on ``dataset``."""
     check_protocol(name)
     if name != "native":
-        return PROTOCOLS[name]
+        p = PROTOCOLS[name]
+        own = dict(p.bg_by_dataset).get(dataset)
+        return p if own is None else replace(p, bg_threshold=own, bg_threshold_pamr=own)
     if method is None or dataset is None:
         raise ValueError("the native protocol is a method's on a dataset")
     from trainer import methods
 
     own = methods.native(method, dataset)
-    if isinstance(own, str):  # a trained method: the common protocol its paper reports under
+    if isinstance(own, str):  # a trained method: the protocol its paper reports under
         return replace(
-            PROTOCOLS[own], name="native", source=f"{method}'s paper: the {own} protocol"
+            get_protocol(own, method, dataset),
+            name="native",
+            source=f"{method}'s paper: the {own} protocol",
         )
     return Protocol(
         "native",

@@ -52,6 +52,14 @@ REGISTRY: dict[str, MethodInfo] = {
             "trainer.methods.vilseg",
         ),
         MethodInfo(
+            "ovsegmentor",
+            "trained",
+            "OVSegmentor: group tokens bound by slot attention, masked entity completion, "
+            "cross-image mask consistency (EMA targets) on entity-paired images",
+            "trainer.methods.ovsegmentor",
+            protocol="ovsegmentor",  # its section 4.1: short side 448, thresholds per dataset
+        ),
+        MethodInfo(
             "clipseg",
             "weights",
             "CLIPSeg's decoder as its weights give it (--decoder-init), on the frozen CLIP",

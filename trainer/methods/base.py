@@ -16,6 +16,7 @@ A method is one package, ``trainer/methods/<name>/``, whose ``METHOD`` is a ``Tr
   batch of windows, so the sliding window, the protocols, PAMR, the background rule and the
   metric serve every method unchanged;
 - ``presets``: a folder of JSON presets (``synseg-train presets``);
+- ``after_step`` (optional): what the model does after each optimizer step (an EMA);
 - ``export_hf`` (optional): its model as a Hugging Face checkpoint, ``(state dict, config,
   image processor config, context length)`` (``synseg-train export``).
 
@@ -44,6 +45,7 @@ class StepContext:
     step: int
     seed: int  # this step's seed on this rank (augmentations draw from it)
     rng: random.Random  # seeded with ``seed``
+    epoch: int = 0  # the epoch this step belongs to (0-based)
     labels: Any = None  # the label-embedding table (LabelCache) when label_embeddings
     vocabulary: Any = None  # the shards' label phrases (trainer.train.data.Vocabulary)
 
@@ -97,6 +99,9 @@ class TrainedMethod:
     # The model in a Hugging Face layout (None: it has none): model, TrainConfig in;
     # (state dict, config.json, preprocessor_config.json, text context length) out.
     export_hf: Callable[[Any, Any], tuple[dict, dict, dict, int]] | None = None
+    # What the model does after each optimizer step (a momentum model's EMA, say): model,
+    # TrainConfig in; under no_grad. Its state must be in ``trainable_state_dict``.
+    after_step: Callable[[Any, Any], None] | None = None
 
     def preset_names(self) -> list[str]:
         return sorted(p.stem for p in self.presets.glob("*.json"))

@@ -69,6 +69,30 @@ def create_clip(arch: str, pretrained: str | None, init_seed: int = 0):
         raise UserError(f"cannot download {arch} weights {pretrained!r}: {e}") from None
 
 
+def resample_grid(
+    pos: torch.Tensor, grid_h: int, grid_w: int, resize: str = "size"
+) -> torch.Tensor:
+    """Position embeddings of a trained g x g patch grid (g*g, W) for an (h, w) grid, bicubic:
+    ``resize="size"`` samples at the output size's own scale (h/g, w/g); ``"scale"`` as the
+    SCLIP family's ``interpolate_pos_encoding`` does, with the scale factor ((h + 0.1)/g,
+    (w + 0.1)/g), which samples other source coordinates off the trained grid."""
+    g = int(pos.shape[0] ** 0.5)
+    if (grid_h, grid_w) == (g, g):
+        return pos
+    grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
+    # Resampled in float32 at least (bicubic in half precision loses digits), never lower
+    # than the weights' own precision.
+    work = torch.promote_types(grid.dtype, torch.float32)
+    if resize == "scale":
+        factor = ((grid_h + 0.1) / g, (grid_w + 0.1) / g)
+        grid = F.interpolate(grid.to(work), scale_factor=factor, mode="bicubic")
+    else:
+        grid = F.interpolate(
+            grid.to(work), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+        )
+    return grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+
+
 class CLIPTowers(nn.Module):
     """Both towers of an open_clip model, the image tower run block by block so that its
     position embeddings are resized (bicubic) to whatever patch grid the input gives.
@@ -106,22 +130,7 @@ class CLIPTowers(nn.Module):
         ((h + 0.1)/g, (w + 0.1)/g), which samples other source coordinates off the trained
         grid."""
         pos = self.model.visual.positional_embedding  # (1 + g*g, W)
-        g = int((pos.shape[0] - 1) ** 0.5)
-        if (grid_h, grid_w) == (g, g):
-            return pos
-        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
-        # Resampled in float32 at least (bicubic in half precision loses digits), never lower
-        # than the weights' own precision.
-        work = torch.promote_types(grid.dtype, torch.float32)
-        if resize == "scale":
-            factor = ((grid_h + 0.1) / g, (grid_w + 0.1) / g)
-            grid = F.interpolate(grid.to(work), scale_factor=factor, mode="bicubic")
-        else:
-            grid = F.interpolate(
-                grid.to(work), size=(grid_h, grid_w), mode="bicubic", align_corners=False
-            )
-        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
-        return torch.cat([pos[:1], grid], dim=0)
+        return torch.cat([pos[:1], resample_grid(pos[1:], grid_h, grid_w, resize)], dim=0)
 
     def _embed(
         self, images: torch.Tensor, resize: str = "size"

@@ -143,7 +143,8 @@ class _Cursor:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches: images (B, 3, S, S) in [0, 1], labels list[list[str]], captions, bad count, and
+    """Batches: images (B, 3, S, S) in [0, 1], labels list[list[str]], captions, the samples'
+    uids, bad count, and
     the stream's position after the batch (``worker``, ``state``) for an O(1) resume."""
 
     def __init__(
@@ -246,10 +247,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(
         self, sample: dict, rng: random.Random
-    ) -> tuple[torch.Tensor, list[str], str] | None:
+    ) -> tuple[torch.Tensor, list[str], str, str] | None:
         try:
             meta = json.loads(sample["json"])
             labels, caption = meta["labels"], meta.get("caption", "")
+            uid = str(meta.get("uid", sample.get("__key__", "")))
             img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         except Exception:  # a corrupt image or json: skip it, the batch counts it
             return None
@@ -262,7 +264,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        return x, labels, caption
+        return x, labels, caption, uid
 
     def __iter__(self) -> Iterator[dict]:
         wid, workers = _worker()
@@ -281,7 +283,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             produced = state is not None  # a resumed cycle has produced batches already
             cur = self._restore(state, urls, shards_id, rng) if state else _Cursor(cycle)
             state = None
-            images, labels, captions = [], [], []
+            images, labels, captions, uids = [], [], [], []
             for _key, s in self._shuffled(self._read(urls, cur, bad), cur, rng):
                 item = self._decode(s, rng)
                 if item is None:
@@ -290,17 +292,19 @@ class ShardStream(torch.utils.data.IterableDataset):
                 images.append(item[0])
                 labels.append(item[1])
                 captions.append(item[2])
+                uids.append(item[3])
                 if len(images) == self.batch:
                     produced = True
                     yield {
                         "images": torch.stack(images).float() / 255,
                         "labels": labels,
                         "captions": captions,
+                        "uids": uids,
                         "bad": bad[0],
                         "worker": worker,
                         "state": cur.snapshot(rng, shards_id),
                     }
-                    images, labels, captions, bad[0] = [], [], [], 0
+                    images, labels, captions, uids, bad[0] = [], [], [], [], 0
             if not produced and cycle > 0:
                 raise UserError(
                     f"shards of rank {self.rank} hold fewer usable samples than one batch "

@@ -194,7 +194,7 @@ class _Step:
     device, and a non-finite loss is remembered there (its step) until the next log line."""
 
     def __init__(self, cfg, model, net, opt, total, cache, vocab, env, device) -> None:
-        self.cfg, self.net, self.opt, self.total = cfg, net, opt, total
+        self.cfg, self.model, self.net, self.opt, self.total = cfg, model, net, opt, total
         self.cache, self.vocab, self.env, self.device = cache, vocab, env, device
         self.method = methods.trained(cfg.method)
         self.params = model.trainable_parameters()
@@ -209,7 +209,7 @@ class _Step:
         )
         self.nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
 
-    def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict, step: int, epoch: int = 0) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         seed = _step_seed(cfg.run.seed, step, self.env.rank)
         torch.manual_seed(seed)  # dropout draws
@@ -217,7 +217,7 @@ class _Step:
         images = batch["images"].to(self.device, non_blocking=True)
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        ctx = StepContext(cfg, self.device, step, seed, rng, self.cache, self.vocab)
+        ctx = StepContext(cfg, self.device, step, seed, rng, epoch, self.cache, self.vocab)
         inputs = self.method.inputs(images, batch, ctx)
         set_lr(self.opt, lr_at(step, self.total, cfg.optim))
         with self.autocast():
@@ -231,6 +231,9 @@ class _Step:
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         self.opt.step()
+        if self.method.after_step is not None:
+            with torch.no_grad():
+                self.method.after_step(self.model, cfg)
         return {k: v.detach() for k, v in terms.items()}
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
@@ -371,7 +374,7 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
                 batch = next(batches)
                 positions[str(batch["worker"])] = batch["state"]
                 step = epoch * spe + i + 1
-                terms = step_fn(batch, step)
+                terms = step_fn(batch, step, epoch)
                 seen += batch["images"].shape[0] * env.world
                 stats.bad_samples += batch["bad"]
                 rate = seen / max(time.time() - t0, 1e-9)
