@@ -1,7 +1,7 @@
 """The whole data pipeline on the synthetic world, offline, with the same stages a user runs.
 
-world -> serve on 127.0.0.1 -> download -> extract-nouns -> filter --exclude generic -> pack,
-into the default paths (data/world, data/raw, manifests/nouns, manifests/labels, data/shards),
+world -> serve on 127.0.0.1 -> download -> extract-nouns -> filter --exclude generic -> pack
+-> pair (each image's partners sharing one of OVSegmentor's entities), into the default paths (data/world, data/raw, manifests/nouns, manifests/labels, data/shards),
 so every command of the README works on the result. A rerun reuses whatever is done.
 """
 
@@ -16,6 +16,7 @@ from pipeline.download import DownloadConfig, run_download
 from pipeline.filter import FilterConfig, run_filter
 from pipeline.nouns import NounsConfig, run_extract_nouns
 from pipeline.pack import PackConfig, run_pack
+from pipeline.pairs import PairConfig, run_pair
 from pipeline.serve import serving
 from pipeline.world import WorldConfig, load_world, run_world
 
@@ -92,4 +93,5 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str, Any], None] | None = None
             PackConfig(raw=cfg.raw, labels=cfg.labels, output=cfg.shards, image_size=cfg.image_size)
         ),
     )
+    done("pair", run_pair(PairConfig(shards=cfg.shards, processes=cfg.processes)))
     return out

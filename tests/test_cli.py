@@ -98,7 +98,7 @@ def test_filter_summary_and_rerun(nouns, tmp_path):
 
 
 def test_every_command_has_help():
-    for cmd in ("world", "serve", "download", "extract-nouns", "filter", "pack", "inspect"):
+    for cmd in ("world", "serve", "download", "extract-nouns", "filter", "pack", "pair", "inspect"):
         result = run(cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
 

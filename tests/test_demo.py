@@ -21,7 +21,7 @@ def test_demo_runs_every_stage_and_reruns_for_free(tmp_path):
     )
     seen = []
     first = run_demo(cfg, on_stage=lambda name, stats: seen.append(name))
-    assert seen == ["world", "download", "extract-nouns", "filter", "pack"]
+    assert seen == ["world", "download", "extract-nouns", "filter", "pack", "pair"]
     sizes = json.loads((tmp_path / "shards" / "sizes.json").read_text())
     assert sum(sizes.values()) == first.stages["pack"].samples > 50
     again = run_demo(cfg)

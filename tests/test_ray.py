@@ -34,6 +34,20 @@ def local_ray():
     ray.shutdown()
 
 
+def test_pair_on_ray_draws_the_local_pairs(shards, tmp_path):
+    from pipeline.pairs import PairConfig, run_pair
+    from synseg.shards import PARTNERS
+
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    for folder in (local, on_ray):
+        shutil.copytree(shards, folder)
+        (folder / PARTNERS).unlink(missing_ok=True)
+    run_pair(PairConfig(shards=local, processes=1))
+    stats = run_pair(PairConfig(shards=on_ray, **RAY))
+    assert stats.with_partner > 50
+    assert pq.read_table(on_ray / PARTNERS).equals(pq.read_table(local / PARTNERS))
+
+
 def same_files(a: Path, b: Path, pattern: str) -> list[str]:
     names = sorted(p.name for p in a.glob(pattern))
     assert names and names == sorted(p.name for p in b.glob(pattern))

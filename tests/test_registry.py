@@ -112,7 +112,11 @@ def _imports(path: Path) -> set[str]:
 def test_the_loop_eval_and_demo_import_no_method_package():
     """They reach methods through the registry (``trainer.methods``) and its contract only."""
     packages = {f"trainer.methods.{m.module.split('.')[2]}" for m in methods.REGISTRY.values()}
-    assert {"trainer.methods.synseg", "trainer.methods.vilseg"} <= packages
+    assert {
+        "trainer.methods.synseg",
+        "trainer.methods.vilseg",
+        "trainer.methods.ovsegmentor",
+    } <= packages
     files = [
         *(ROOT / "trainer/train").glob("*.py"),
         *(ROOT / "trainer/eval").glob("*.py"),
@@ -127,7 +131,7 @@ def test_the_loop_eval_and_demo_import_no_method_package():
 
 
 def test_every_trained_method_gives_the_whole_contract():
-    assert methods.names("trained") == ["synseg", "vilseg"]
+    assert methods.names("trained") == ["synseg", "vilseg", "ovsegmentor"]
     for name in methods.names("trained"):
         m = methods.trained(name)
         assert m.name == name and m.preset_names() == ["paper", "tiny"]
@@ -156,7 +160,10 @@ def test_methods_and_presets_commands_list_what_exists(monkeypatch):
     res = runner.invoke(app, ["presets"])
     assert res.exit_code == 0
     shown = [x.split("│")[1].strip() for x in res.output.splitlines() if x.startswith("│")]
-    assert [s for s in shown if s] == ["synseg-paper", "synseg-tiny", "vilseg-paper", "vilseg-tiny"]
+    assert [s for s in shown if s] == [
+        "synseg-paper", "synseg-tiny", "vilseg-paper", "vilseg-tiny",
+        "ovsegmentor-paper", "ovsegmentor-tiny",
+    ]  # fmt: skip
 
 
 def test_method_and_preset_are_chosen_once(tmp_path):

@@ -11,6 +11,7 @@ from trainer.world.demo import WorldDemoConfig, run_world_demo
 from trainer.world.rows import (
     ABLATIONS,
     INIT,
+    OVSEG_CLIP_START,
     VILSEG_CLIP_START,
     VILSEG_RANDOM_START,
     split_scores,
@@ -19,6 +20,7 @@ from trainer.world.rows import (
 )
 
 VILSEG_ROWS = ("ViL-Seg from the in-world CLIP", "ViL-Seg from scratch (the paper's start)")
+OVSEG_ROW = "OVSegmentor from the in-world CLIP"
 
 
 def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -46,18 +48,21 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         "data: extract-nouns",
         "data: filter",
         "data: pack",
+        "data: pair",
         "in-world CLIP pretraining",
         "CLIPSeg-style decoder",
         "MCCL (SynSeg), seed 42",
         "MCCL (SynSeg), seed 43",
         *(f"{a}, seed 42" for a in ABLATIONS),
-        *(f"{v}, seed {s}" for v in VILSEG_ROWS for s in (42, 43)),
+        *(f"{v}, seed {s}" for v in (*VILSEG_ROWS, OVSEG_ROW) for s in (42, 43)),
         "eval: untrained decoder",
         "eval: CLIPSeg-style init",
         "eval: MCCL (SynSeg)",
         f"eval: {VILSEG_CLIP_START}",
         f"eval: {VILSEG_RANDOM_START}",
         *(f"eval: {v}" for v in VILSEG_ROWS),
+        f"eval: {OVSEG_CLIP_START}",
+        f"eval: {OVSEG_ROW}",
     ):
         assert stage in stages, stage
     models = [r["model"] for r in result.table]
@@ -69,10 +74,12 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         VILSEG_RANDOM_START,
         VILSEG_ROWS[1],
     ]
-    assert len(models) == 3 + len(ABLATIONS) + 4 + len(TRAINING_FREE)
+    assert models[i + 3 : i + 5] == [OVSEG_CLIP_START, OVSEG_ROW]
+    assert len(models) == 3 + len(ABLATIONS) + 6 + len(TRAINING_FREE)
     starts = {r["model"]: r["start"] for r in result.table}
     assert starts["MCCL (SynSeg)"] == INIT and starts[VILSEG_ROWS[0]] == VILSEG_CLIP_START
     assert starts[VILSEG_ROWS[1]] == VILSEG_RANDOM_START and starts[INIT] is None
+    assert starts[OVSEG_ROW] == OVSEG_CLIP_START
     report = tmp_path / "reports" / "world"
     for name in ("report.md", "results.json", "loss_curves.png", "label_histogram.png"):
         assert (report / name).is_file(), name
@@ -83,7 +90,7 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         for key in ("seen", "unseen", "all", "hm"):
             assert key in row["mean"] and key in row["spread"]
         seeds = [p["seed"] for p in row["per_seed"]]
-        trained = row["model"].startswith("MCCL") or row["model"] in VILSEG_ROWS
+        trained = row["model"].startswith("MCCL") or row["model"] in (*VILSEG_ROWS, OVSEG_ROW)
         assert seeds == ([42, 43] if trained else [None])
         for p in row["per_seed"]:
             s, u = p["seen"], p["unseen"]
@@ -114,8 +121,9 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     # a rerun reuses every stage
     again = []
     run_world_demo(cfg, on_stage=lambda name, what: again.append(what))
-    # CLIP, init, and every run: MCCL and its ablations, the two ViL-Seg rows, 2 seeds each
-    assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS) + 2)
+    # CLIP, init, and every run: MCCL and its ablations, the two ViL-Seg rows and OVSegmentor's,
+    # 2 seeds each
+    assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS) + 3)
 
 
 def row(*unseen):

@@ -130,6 +130,8 @@ class CLIPTowers(nn.Module):
         ((h + 0.1)/g, (w + 0.1)/g), which samples other source coordinates off the trained
         grid."""
         pos = self.model.visual.positional_embedding  # (1 + g*g, W)
+        if (grid_h, grid_w) == (int((pos.shape[0] - 1) ** 0.5),) * 2:
+            return pos
         return torch.cat([pos[:1], resample_grid(pos[1:], grid_h, grid_w, resize)], dim=0)
 
     def _embed(

@@ -29,7 +29,7 @@ from trainer import methods
 from trainer.eval.infer import template_problem
 
 DEFAULT_METHOD = "synseg"
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 REPORTERS = ("tensorboard", "wandb")  # where run.report_to sends the metrics too
 
@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd or adamw
+    name: str = "sgd"  # sgd, adam (weight decay as an L2 term) or adamw (decoupled)
     lr: float = 1e-5
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only

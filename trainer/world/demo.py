@@ -4,7 +4,8 @@
 2. in-world CLIP pretraining of the tiny backbone on the captions (open_clip's ClipLoss)
 3. a CLIPSeg-style decoder on the world's ``ref`` split (masks), saved in CLIPSeg's layout
 4. SynSeg's MCCL training from that decoder, on the packed shards (captions only); ViL-Seg on
-   the same shards' captions, from the in-world CLIP and from scratch
+   the same shards' captions, from the in-world CLIP and from scratch; OVSegmentor on them with
+   the partners ``pair`` drew, from the in-world CLIP
 5. eval on the world's held-out masks (``tcl`` protocol), as mIoU on the seen classes (those
    ``ref`` has masks of), the unseen ones, all, and their harmonic mean: untrained decoder,
    CLIPSeg-style, MCCL and the loss ablation of the paper's Table 2, the paper's SGD, each
@@ -29,6 +30,7 @@ from trainer.world.report import write_report
 from trainer.world.rows import (
     ABLATIONS,
     INIT,
+    OVSEG_CLIP_START,
     PAPER_SGD,
     SEED,
     SWEEP,
@@ -74,6 +76,7 @@ class WorldDemoConfig:
     ablations: bool = True  # the Table 2 ablation (one MCCL row per left-out term)
     sweep: bool = True  # the paper's SGD and each switch beyond the paper
     vilseg: bool = True  # ViL-Seg rows: from the in-world CLIP (at mccl_lr) and from scratch
+    ovsegmentor: bool = True  # an OVSegmentor row: from the in-world CLIP (at mccl_lr)
     baselines: bool = True  # the training-free methods on the in-world CLIP
     device: str = "auto"  # auto, cpu or cuda
     processes: int = 2  # spaCy workers of the data chain
@@ -226,7 +229,8 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
                 "ViL-Seg from the in-world CLIP",
                 "vilseg",
                 (f"model.pretrained={clip}", *shared, f"optim.lr={cfg.mccl_lr}"),
-                VILSEG_CLIP_START,
+                OVSEG_CLIP_START,
+    VILSEG_CLIP_START,
                 "vilseg-clip",
                 (
                     "--method vilseg",
@@ -247,6 +251,21 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
                 ),
             ),
         ]
+    if cfg.ovsegmentor:
+        rows.append(
+            TrainedRow(
+                "OVSegmentor from the in-world CLIP",
+                "ovsegmentor",
+                (f"model.pretrained={clip}", *shared, f"optim.lr={cfg.mccl_lr}"),
+                OVSEG_CLIP_START,
+                "ovsegmentor-clip",
+                (
+                    "--method ovsegmentor",
+                    "model.pretrained=<the in-world CLIP>",
+                    f"optim.lr={cfg.mccl_lr}",
+                ),
+            )
+        )
     return rows
 
 
@@ -307,6 +326,7 @@ def _score(cfg, data, clip: str, init: str, rows, trained, on_stage) -> list[dic
     untrained = {  # ViL-Seg's starts, each scored before the first row trained from it
         VILSEG_CLIP_START: {"method": "vilseg", "overrides": (f"model.pretrained={clip}",)},
         VILSEG_RANDOM_START: {"method": "vilseg"},
+        OVSEG_CLIP_START: {"method": "ovsegmentor", "overrides": (f"model.pretrained={clip}",)},
     }
     for row in rows:
         if row.start in untrained:

@@ -70,11 +70,19 @@ def finding(rows: list[dict], movement: dict) -> str:
     return text
 
 
+CAPTION_ROWS = (
+    "ViL-Seg from the in-world CLIP",
+    "ViL-Seg from scratch (the paper's start)",
+    "OVSegmentor from the in-world CLIP",
+)
+
+
 def vilseg_finding(by: dict[str, dict]) -> str:
-    """ViL-Seg's rows against their untrained starts, in words, whichever way they went."""
+    """The caption-trained rows (ViL-Seg, OVSegmentor) against their untrained starts, in
+    words, whichever way they went."""
 
     text = ""
-    for name in ("ViL-Seg from the in-world CLIP", "ViL-Seg from scratch (the paper's start)"):
+    for name in CAPTION_ROWS:
         row = by.get(name)
         start = by.get(row.get("start") or "") if row else None
         if not (row and start):
@@ -253,11 +261,11 @@ def _introduction(cfg: dict, classes: list[str], unseen: set[str], seconds: floa
     seen_names = ", ".join(c for c in classes if c not in unseen)
     unseen_names = ", ".join(c for c in classes if c in unseen)
     return [
-        "# SynSeg and ViL-Seg on the synthetic world",
+        "# SynSeg, ViL-Seg and OVSegmentor on the synthetic world",
         "",
         f"Every stage runs offline: the world ({cfg['count']} captioned train images, {cfg['val_count']} held-out "
         f"val images with masks, {cfg['ref_count']} ref images with masks), the data pipeline, in-world CLIP "
-        "pretraining, the CLIPSeg-style decoder, MCCL and ViL-Seg training and evaluation. This run took "
+        "pretraining, the CLIPSeg-style decoder, MCCL, ViL-Seg and OVSegmentor training and evaluation. This run took "
         f"{seconds / 60:.1f} minutes (stages finished by an earlier run with the same settings are reused).",
         "",
         "The CLIPSeg-style decoder is trained with masks on the `ref` split, which shows only the "
@@ -266,7 +274,9 @@ def _introduction(cfg: dict, classes: list[str], unseen: set[str], seconds: floa
         f"({unseen_names}) appear only in the captions MCCL "
         "and ViL-Seg train on and in the val images they are scored on. ViL-Seg trains both "
         "CLIP towers on the captions alone (no masks, no noun phrases): from the in-world CLIP, "
-        "and from random weights as its paper does.",
+        "and from random weights as its paper does. OVSegmentor trains a grouping image encoder "
+        "(started from the in-world CLIP's image tower) and the text tower on the captions, the "
+        "entities of OVSegmentor's list found in their labels, and partner images sharing one.",
         "",
         "## What the experiment found",
         "",
@@ -284,7 +294,7 @@ def _table(rows: list[dict], variants: dict[str, list[str]]) -> list[str]:
         "mIoU (%) over the unseen classes, the seen ones, all, and the harmonic mean of unseen and "
         "seen; trained rows are mean ± spread (sample standard deviation) over seeds "
         f"{seeds_text(rows)}. The last column compares a trained row's unseen mIoU with its "
-        "start: the CLIPSeg-style decoder for MCCL, the untrained ViL-Seg for ViL-Seg.",
+        "start: the CLIPSeg-style decoder for MCCL, the untrained model for ViL-Seg and OVSegmentor.",
         "",
         "| model | unseen | seen | all | harmonic mean | unseen vs start |",
         "|---|---|---|---|---|---|",

@@ -25,6 +25,7 @@ SEED = 42  # the first seed of a trained row (the paper's); the others follow it
 INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with
 VILSEG_CLIP_START = "ViL-Seg untrained (in-world CLIP, random clustering head)"
 VILSEG_RANDOM_START = "ViL-Seg untrained (random towers)"
+OVSEG_CLIP_START = "OVSegmentor untrained (in-world CLIP, random groups)"
 
 
 @dataclass(frozen=True)

@@ -533,7 +533,7 @@ class GroupScorer:
 
     def __init__(self, model: OVSegmentor, logit_scale: float) -> None:
         self.model = model
-        self.scale = logit_scale or float(model.scale())
+        self.scale = logit_scale or float(model.scale().detach())
         self.mean, self.std = model.mean, model.std
         self.patch_size = model.patch_size
         self.floors_whole = self.pads_windows = False
