@@ -96,7 +96,14 @@ def test_no_function_in_the_trainer_is_over_80_lines():
 # The commands whose options are their settings dataclass's fields.
 SETTINGS_COMMANDS = {
     "synseg-data": [
-        "world", "download", "extract-nouns", "filter", "pack", "pair", "inspect", "demo",
+        "world",
+        "download",
+        "extract-nouns",
+        "filter",
+        "pack",
+        "pair",
+        "inspect",
+        "demo",
     ],  # fmt: skip
     "synseg-train": ["eval", "prepare", "export", "demo"],
 }

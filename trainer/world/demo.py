@@ -230,7 +230,7 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
                 "vilseg",
                 (f"model.pretrained={clip}", *shared, f"optim.lr={cfg.mccl_lr}"),
                 OVSEG_CLIP_START,
-    VILSEG_CLIP_START,
+                VILSEG_CLIP_START,
                 "vilseg-clip",
                 (
                     "--method vilseg",
