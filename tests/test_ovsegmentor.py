@@ -202,6 +202,35 @@ def test_ema_update_is_the_formula():
         assert torch.allclose(v, 0.99 * before[k] + 0.01 * online[k], atol=1e-14), k
 
 
+def test_cross_image_masks_use_the_partners_groups_and_the_momentum_targets():
+    """Eq. 10 written out: image i's tokens under its partner's K' groups most like the shared
+    entity (the prediction), and under its own from the momentum model (the target)."""
+    from trainer.methods.ovsegmentor.text import tokenize
+
+    m = _tiny().double().eval()
+    with torch.no_grad():
+        for p in m.momentum.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a momentum model apart from the online one
+        B, K = 2, m.cfg.groups
+        both = torch.rand(2 * B, 3, 64, 64, dtype=D)
+        shared = tokenize(["a photo of a car.", "a photo of a ball."], "synseg-tiny")
+        g, t, _ = m.encode_image(both)
+        pred, target, soft = m._cross_masks(g, t, both, shared, B, 0.5, 0.65, "absolute")
+        entity = m.text_embedding(shared)
+        gm, tm, _ = m.encode_image(both, momentum=True)
+    assert pred.shape == (2 * B, t.shape[1], K // 2)
+    for i in range(2 * B):
+        e = entity[i % B]
+        partner = (i + B) % (2 * B)
+        top = sorted(range(K), key=lambda k: -float(g[partner, k] @ e))[: K // 2]
+        want = torch.sigmoid(t[i] @ g[partner, top].T)
+        assert torch.allclose(pred[i], want, atol=1e-12), i
+        top_m = sorted(range(K), key=lambda k: -float(gm[i, k] @ e))[: K // 2]
+        want_soft = torch.sigmoid(tm[i] @ gm[i, top_m].T)
+        assert torch.allclose(soft[i], want_soft, atol=1e-12), i
+        assert torch.equal(target[i], (want_soft >= 0.65).to(D))
+
+
 def test_image_blocks_read_clip_as_open_clip_does():
     """The image encoder's blocks, loaded from open_clip's tower, give that tower's tokens."""
     from trainer.model.backbone import CLIPTowers
