@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from pipeline.distribute import distribution, run_jobs
 from synseg.cores import default_processes
+from synseg.entities import entity_pattern
 from synseg.errors import UserError
 from synseg.fsutil import check_done, file_digest, write_parquet
 from synseg.shards import PARTNER_COLUMNS, PARTNERS, SIZES, read_sizes
@@ -88,14 +89,9 @@ def read_entities(path: Path) -> list[str]:
     return list(dict.fromkeys(terms))
 
 
-def entity_matcher(entities: list[str]) -> re.Pattern:
-    words = sorted(set(entities), key=lambda e: (-len(e), e))
-    return re.compile(rf"(?<![\w-])(?:{'|'.join(map(re.escape, words))})(?![\w-])")
-
-
 def entities_in(labels: list[str], matcher: re.Pattern) -> list[str]:
     """The entities occurring as whole words in any of the labels, sorted."""
-    found = {m.group(0) for label in labels for m in matcher.finditer(label.lower())}
+    found = {m.group(0).lower() for label in labels for m in matcher.finditer(label)}
     return sorted(found)
 
 
@@ -106,7 +102,7 @@ class ScanShard:
         self.folder, self.entities = folder, entities
 
     def __call__(self, shard: str) -> list[tuple[str, str, int, int, list[str]]]:
-        matcher = entity_matcher(self.entities)
+        matcher = entity_pattern(self.entities)
         images: dict[str, tuple[int, int]] = {}
         labels: dict[str, list[str]] = {}
         try:

@@ -229,7 +229,6 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
                 "ViL-Seg from the in-world CLIP",
                 "vilseg",
                 (f"model.pretrained={clip}", *shared, f"optim.lr={cfg.mccl_lr}"),
-                OVSEG_CLIP_START,
                 VILSEG_CLIP_START,
                 "vilseg-clip",
                 (

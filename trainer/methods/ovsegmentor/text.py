@@ -5,10 +5,11 @@ sentence (``entity_sentence``: a template filled with "e1 and e2 and e3")."""
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 import torch
+
+from synseg.entities import entity_pattern
 
 
 @lru_cache(maxsize=4)
@@ -27,14 +28,6 @@ def tokenize(texts: list[str], arch: str) -> torch.Tensor:
     return tokenizer(arch)([clean(t) for t in texts])
 
 
-def _pattern(entities: list[str]) -> re.Pattern | None:
-    if not entities:
-        return None
-    words = sorted(set(entities), key=lambda e: (-len(e), e))  # the longest first
-    alternatives = "|".join(re.escape(e) for e in words)
-    return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.IGNORECASE)
-
-
 def mask_entities(caption: str, entities: list[str], arch: str) -> tuple[list[int], list[bool]]:
     """The caption's token ids, [SOT] and [EOT] included and cut to the tokenizer's context
     length as it cuts (the last id kept an [EOT]), and which of them belong to a word of
@@ -42,7 +35,7 @@ def mask_entities(caption: str, entities: list[str], arch: str) -> tuple[list[in
     tok = tokenizer(arch)
     text = clean(caption)
     ids, masked = [tok.sot_token_id], [False]
-    pattern, at = _pattern(entities), 0
+    pattern, at = entity_pattern(entities), 0
     for m in pattern.finditer(text) if pattern else ():
         before = tok.encode(text[at : m.start()])
         ids += before
