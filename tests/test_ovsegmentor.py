@@ -466,3 +466,84 @@ def test_missing_partners_is_one_line(shards, tmp_path):
 def test_dino_start_without_a_checkpoint_is_refused():
     with pytest.raises(UserError, match="dino_checkpoint"):
         resolve("ovsegmentor-tiny", overrides=["model.image_init=dino"])
+
+
+# --- the paper's BERT text encoder (transformers) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A one-layer BERT and a WordPiece tokenizer of a few words, saved as transformers saves
+    them (the layout of bert-base-uncased)."""
+    from trainer.model.compat import ensure_torchvision
+
+    ensure_torchvision()
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("bert")
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "and",
+        "dog",
+        "ball",
+        "car",
+        "kite",
+        "boat",
+        "house",
+        "on",
+        "grass",
+        "sand",
+        "water",
+    ]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, ".", ",", "##s"]
+    vocab = {w: i for i, w in enumerate(vocab)}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=80,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_bert_masks_entities_with_its_own_mask_token_and_reads_its_sep(tiny_bert):
+    from trainer.methods.ovsegmentor.text import BertText
+
+    text = BertText(str(tiny_bert))
+    tok = text.tok
+    ids, masked = text.masked(["A dog and a ball on the grass."], [["dog", "ball"]])
+    row = ids[0].tolist()
+    n = row.index(tok.pad_token_id)
+    assert tok.convert_ids_to_tokens(row[:n]) == [
+        "[CLS]", "a", "[MASK]", "and", "a", "[MASK]", "on", "the", "grass", ".", "[SEP]",
+    ]  # fmt: skip
+    assert masked[0].nonzero().flatten().tolist() == [2, 5]
+    plain = text.tokenize(["A dog and a ball on the grass."])[0].tolist()
+    assert [p for p, m in zip(plain, masked[0].tolist(), strict=True) if not m] == [
+        r for r, m in zip(row, masked[0].tolist(), strict=True) if not m
+    ]  # the same ids but the masked ones
+    m = OVSegmentor(
+        ModelConfig(arch="synseg-tiny", image_init="clip", bind_after=2, text_encoder="bert",
+                    bert=str(tiny_bert), output_dim=16, projection_hidden=32)
+    ).double()  # fmt: skip
+    feats = torch.randn(1, ids.shape[1], 64, dtype=D)
+    assert torch.equal(m.text_encoder.eot(feats, ids)[0], feats[0, n - 1])  # the [SEP]
+
+
+def test_a_run_with_the_bert_text_encoder(paired, tiny_bert, tmp_path):
+    cfg = _cfg(
+        paired, tmp_path / "bert", "optim.max_steps=2",
+        "model.text_encoder=bert", f"model.bert={tiny_bert}",
+    )  # fmt: skip
+    stats = run_train(cfg)
+    assert stats.steps == 2 and all(math.isfinite(v) for v in stats.loss.values())
+    assert stats.loss["entity"] > 0 and stats.loss["mask"] > 0
+    saved = load_file(tmp_path / "bert" / "checkpoints" / "step-0000002" / "model.safetensors")
+    assert any(k.startswith("text_encoder.bert.") for k in saved)
+    with pytest.raises(UserError, match="cannot load BERT"):
+        OVSegmentor(ModelConfig(arch="synseg-tiny", image_init="clip", bind_after=2,
+                                text_encoder="bert", bert=str(tmp_path / "none")))  # fmt: skip

@@ -23,26 +23,26 @@ from trainer.methods.base import StepContext, StepInputs, TrainedMethod
 from trainer.methods.ovsegmentor.losses import LossConfig, Objective, mask_weight_at
 from trainer.methods.ovsegmentor.model import GroupScorer, ModelConfig, OVSegmentor
 from trainer.methods.ovsegmentor.partners import table
-from trainer.methods.ovsegmentor.text import entity_sentence, masked_batch, tokenize
+from trainer.methods.ovsegmentor.text import codec, entity_sentence
 
 
 def inputs(images: torch.Tensor, batch: dict, ctx: StepContext) -> StepInputs:
     cfg, c = ctx.cfg, ctx.cfg.loss
-    arch = cfg.model.arch
+    text = codec(cfg.model)
     pairs = table(cfg.data.shards)
     uids = batch["uids"]
     entities = [pairs.entities(u) for u in uids]
-    model = {"images": images, "captions": tokenize(batch["captions"], arch).to(ctx.device)}
+    model = {"images": images, "captions": text.tokenize(batch["captions"]).to(ctx.device)}
     if c.entity_weight:
         from trainer.eval.infer import read_templates
 
         templates = read_templates(c.entity_templates)
-        ids, masked = masked_batch(batch["captions"], entities, arch)
+        ids, masked = text.masked(batch["captions"], entities)
         sentences = [entity_sentence(e, ctx.rng.choice(templates)) for e in entities]
         model |= {
             "masked_captions": ids.to(ctx.device),
             "masked_positions": masked.to(ctx.device),
-            "entity_sentences": tokenize(sentences, arch).to(ctx.device),
+            "entity_sentences": text.tokenize(sentences).to(ctx.device),
             "entity_rows": torch.tensor([bool(e) for e in entities], device=ctx.device),
         }
     lam = mask_weight_at(ctx.epoch, c)
@@ -58,7 +58,7 @@ def inputs(images: torch.Tensor, batch: dict, ctx: StepContext) -> StepInputs:
         from trainer.eval.infer import read_templates
 
         template = read_templates("single")[0]
-        shared = tokenize([template.format(d[1] if d else "") for d in drawn], arch)
+        shared = text.tokenize([template.format(d[1] if d else "") for d in drawn])
         model |= {
             "partners": (partner_images.float() / 255).to(ctx.device, images.dtype),
             "shared": shared.to(ctx.device),

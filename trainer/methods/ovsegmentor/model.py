@@ -5,9 +5,10 @@
   DINO checkpoint loads as it is; K learnable group tokens appended to the patch tokens after the
   first ``bind_after`` blocks' input (Eq. 2: [G; I] through Phi_enc^1), the binding module
   (``Binding``, Eqs. 3-6), then the remaining blocks on [G^bind; I'];
-- text encoder: CLIP's text tower (open_clip), read token by token: the caption, the caption
-  with its entities masked (a learnable [MASK] embedding at their tokens) and the prompted-entity
-  sentence;
+- text encoder: CLIP's text tower (open_clip), read token by token, a learnable [MASK]
+  embedding at the masked entities' tokens; or the paper's BERT (``text_encoder="bert"``,
+  transformers), its own [MASK] token: the caption, the caption with its entities masked and
+  the prompted-entity sentence;
 - projections: 2-layer MLPs of the mean group token and of the [EOT] text feature to a shared
   ``output_dim`` space (256), and the entity-completion decoder (one cross-attention layer over
   the group tokens, ``EntityDecoder``);
@@ -41,6 +42,7 @@ from synseg.errors import UserError
 from trainer.model.backbone import NORMALISE, create_clip, resample_grid
 
 IMAGE_INITS = ("dino", "clip", "random")
+TEXT_ENCODERS = ("clip", "bert")
 AFFINITIES = ("tokens", "binding")
 
 
@@ -59,6 +61,10 @@ class ModelConfig:
     assign_eps: float = 1e-6  # added to Eq. 5's denominator (the code: 1.0)
     output_dim: int = 256  # the shared space (the paper: 256)
     projection_hidden: int = 4096  # the 2-layer projections' hidden width (the code: 4096)
+    # The text encoder: clip (arch's text tower, from pretrained) or bert (the paper's: a BERT
+    # of transformers, model.bert)
+    text_encoder: str = "clip"
+    bert: str = "bert-base-uncased"  # with text_encoder=bert: a Hugging Face name or local folder
     text_trainable: bool = True  # the text tower trains (the paper's BERT does)
     temperature: float = 0.07  # the learnable temperature's start (its logit scale capped at 100)
     infer_affinity: str = "tokens"  # tokens (Eq. 1's I G) or binding (the binding's attention)
@@ -78,6 +84,8 @@ class ModelConfig:
             problems.append("output_dim and projection_hidden must be at least 1")
         if not 0 < self.temperature <= 1:
             problems.append("temperature must be in (0, 1]")
+        if self.text_encoder not in TEXT_ENCODERS:
+            problems.append(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}")
         if self.infer_affinity not in AFFINITIES:
             problems.append(f"infer_affinity must be one of {', '.join(AFFINITIES)}")
         if self.normalise not in NORMALISE:
@@ -318,10 +326,39 @@ class TextEncoder(nn.Module):
         x = x if batch_first else x.transpose(0, 1)
         return self.ln_final(x)
 
+    def eot(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The [EOT] token's feature (B, W): CLIP's end token has the largest id."""
+        return features[torch.arange(features.shape[0]), tokens.argmax(-1)]
 
-def eot(features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The [EOT] token's feature (B, W): CLIP's end token has the largest id."""
-    return features[torch.arange(features.shape[0]), tokens.argmax(-1)]
+
+class BertTextEncoder(nn.Module):
+    """A BERT of transformers (the paper's text encoder), its [MASK] its own token; the [SEP]
+    (the last token before the padding) read as the [EOT]."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        from trainer.model.compat import ensure_torchvision
+
+        ensure_torchvision()  # transformers' models import torchvision when it is there
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise UserError(
+                "model.text_encoder=bert needs transformers (pip install transformers)"
+            ) from None
+        try:
+            self.bert = AutoModel.from_pretrained(name)
+        except OSError as e:
+            raise UserError(f"cannot load BERT {name!r}: {str(e).splitlines()[0]}") from None
+        self.pad = self.bert.config.pad_token_id or 0
+        self.width = self.bert.config.hidden_size
+
+    def forward(self, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bert(input_ids=tokens, attention_mask=(tokens != self.pad).long())[0]
+
+    def eot(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        last = (tokens != self.pad).sum(-1) - 1
+        return features[torch.arange(features.shape[0]), last]
 
 
 class EntityDecoder(nn.Module):
@@ -371,17 +408,20 @@ class OVSegmentor(nn.Module):
             self.image_encoder = ImageEncoder(shape, cfg)
             if cfg.image_init != "random":
                 self._load_image(state)
-            self.text_encoder = TextEncoder(clip)
+            if cfg.text_encoder == "bert":
+                self.text_encoder = BertTextEncoder(cfg.bert)
+            else:
+                self.text_encoder = TextEncoder(clip)
             for p in self.text_encoder.parameters():
                 p.requires_grad_(cfg.text_trainable)
-            self.text_encoder.mask_embedding.requires_grad_(True)
+            if hasattr(self.text_encoder, "mask_embedding"):
+                self.text_encoder.mask_embedding.requires_grad_(True)
             W, Wt = shape["width"], self.text_encoder.width
             self.image_projection = projection(W, cfg.projection_hidden, cfg.output_dim)
             self.text_projection = projection(Wt, cfg.projection_hidden, cfg.output_dim)
             self.entity_decoder = EntityDecoder(Wt, W, max(1, Wt // 64))
             self.bridge_projection = projection(Wt, cfg.projection_hidden, cfg.output_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
-        self.tokenizer_arch = cfg.arch
         self.context_length = clip.context_length
         # the momentum model: the image encoder and its projection, updated by EMA only
         self.momentum = nn.ModuleDict(
@@ -447,7 +487,7 @@ class OVSegmentor(nn.Module):
     def text_embedding(self, tokens: torch.Tensor, masked: torch.Tensor | None = None):
         """z of token ids (B, L): the [EOT] feature, projected, normalised."""
         feats = self.text_encoder(tokens, masked)
-        return F.normalize(self.text_projection(eot(feats, tokens)), dim=-1)
+        return F.normalize(self.text_projection(self.text_encoder.eot(feats, tokens)), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100)
@@ -483,7 +523,9 @@ class OVSegmentor(nn.Module):
         if masked_captions is not None:
             feats = self.text_encoder(masked_captions, masked_positions)
             done = self.entity_decoder(feats, e_all.groups[:B])
-            out.masked = F.normalize(self.bridge_projection(eot(done, masked_captions)), dim=-1)
+            out.masked = F.normalize(
+                self.bridge_projection(self.text_encoder.eot(done, masked_captions)), dim=-1
+            )
             out.entity = self.text_embedding(entity_sentences)
             out.entity_rows = entity_rows
         if with_masks:
@@ -540,10 +582,10 @@ class GroupScorer:
 
     @torch.no_grad()
     def encode_classes(self, names: list[str], templates: list[str]) -> torch.Tensor:
-        from trainer.methods.ovsegmentor.text import tokenize
+        from trainer.methods.ovsegmentor.text import codec
 
         m = self.model
-        tokens = tokenize([t.format(n) for n in names for t in templates], m.tokenizer_arch)
+        tokens = codec(m.cfg).tokenize([t.format(n) for n in names for t in templates])
         emb = m.text_embedding(tokens.to(self.mean.device))
         emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
         emb = F.normalize(emb.view(len(names), len(templates), -1), dim=-1).mean(1)

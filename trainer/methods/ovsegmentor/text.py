@@ -1,15 +1,24 @@
-"""OVSegmentor's three readings of a caption (the paper's section 3.1.2), as token ids of
-CLIP's tokenizer: the caption; the caption with every entity masked (``mask_entities``: the
+"""OVSegmentor's three readings of a caption (the paper's section 3.1.2), as token ids of the
+text encoder's tokenizer: the caption; the caption with every entity masked (``masked``: the
 entity's tokens marked, the text encoder puts its [MASK] embedding there); the prompted-entity
-sentence (``entity_sentence``: a template filled with "e1 and e2 and e3")."""
+sentence (``entity_sentence``: a template filled with "e1 and e2 and e3").
+
+Two tokenizers: CLIP's (``ClipText``, the default text tower's; its [EOT] is the largest id)
+and a BERT tokenizer from transformers (``BertText``, the paper's; [CLS] ... [SEP], its own
+[MASK] id at the entity's word pieces, the [SEP] taken as the [EOT]). ``codec(model_cfg)``
+gives the one a model reads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from synseg.entities import entity_pattern
+from synseg.errors import UserError
+
+BERT_LENGTH = 77  # the BERT captions' length, as CLIP's context (the public code: 77)
 
 
 @lru_cache(maxsize=4)
@@ -24,49 +33,128 @@ def clean(caption: str) -> str:
     return caption.replace("<PERSON>", "person")
 
 
-def tokenize(texts: list[str], arch: str) -> torch.Tensor:
-    return tokenizer(arch)([clean(t) for t in texts])
-
-
-def mask_entities(caption: str, entities: list[str], arch: str) -> tuple[list[int], list[bool]]:
-    """The caption's token ids, [SOT] and [EOT] included and cut to the tokenizer's context
-    length as it cuts (the last id kept an [EOT]), and which of them belong to a word of
-    ``entities`` (whole words, any case): every occurrence of every entity is masked."""
-    tok = tokenizer(arch)
-    text = clean(caption)
-    ids, masked = [tok.sot_token_id], [False]
+def _masked_ids(
+    text: str,
+    entities: list[str],
+    encode: Callable[[str], list[int]],
+    first: int,
+    last: int,
+    length: int,
+    mask_id: int | None = None,
+) -> tuple[list[int], list[bool]]:
+    """[first] + the text's ids + [last], cut to ``length`` with ``last`` kept at the end, and
+    which ids belong to an entity (whole words, any case; every occurrence); ``mask_id``, if
+    given, replaces those ids."""
+    ids, masked = [first], [False]
     pattern, at = entity_pattern(entities), 0
     for m in pattern.finditer(text) if pattern else ():
-        before = tok.encode(text[at : m.start()])
+        before = encode(text[at : m.start()])
         ids += before
         masked += [False] * len(before)
-        word = tok.encode(m.group(0))
-        ids += word
+        word = encode(m.group(0))
+        ids += [mask_id] * len(word) if mask_id is not None else word
         masked += [True] * len(word)
         at = m.end()
-    rest = tok.encode(text[at:])
-    ids += rest + [tok.eot_token_id]
+    rest = encode(text[at:])
+    ids += rest + [last]
     masked += [False] * (len(rest) + 1)
-    n = tok.context_length
-    if len(ids) > n:
-        ids, masked = ids[:n], masked[:n]
-        ids[-1], masked[-1] = tok.eot_token_id, False
+    if len(ids) > length:
+        ids, masked = ids[:length], masked[:length]
+        ids[-1], masked[-1] = last, False
     return ids, masked
 
 
-def masked_batch(
-    captions: list[str], entities: list[list[str]], arch: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, L), masked (B, L) bool) of the captions with their entities masked, zero-padded
-    to the context length as open_clip pads."""
-    n = tokenizer(arch).context_length
-    ids = torch.zeros(len(captions), n, dtype=torch.long)
-    masked = torch.zeros(len(captions), n, dtype=torch.bool)
-    for i, (c, e) in enumerate(zip(captions, entities, strict=True)):
-        row, flags = mask_entities(c, e, arch)
+def _pad(rows: list[tuple[list[int], list[bool]]], length: int, pad: int):
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    masked = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (row, flags) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         masked[i, : len(flags)] = torch.tensor(flags)
     return ids, masked
+
+
+class ClipText:
+    def __init__(self, arch: str) -> None:
+        self.tok = tokenizer(arch)
+        self.length = self.tok.context_length
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tok([clean(t) for t in texts])
+
+    def mask_entities(self, caption: str, entities: list[str]) -> tuple[list[int], list[bool]]:
+        t = self.tok
+        return _masked_ids(
+            clean(caption), entities, t.encode, t.sot_token_id, t.eot_token_id, self.length
+        )
+
+    def masked(self, captions: list[str], entities: list[list[str]]):
+        """(ids (B, L), masked (B, L) bool), zero-padded as open_clip pads."""
+        rows = [self.mask_entities(c, e) for c, e in zip(captions, entities, strict=True)]
+        return _pad(rows, self.length, 0)
+
+
+class BertText:
+    def __init__(self, name: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError(
+                "model.text_encoder=bert needs transformers (pip install transformers)"
+            ) from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            raise UserError(
+                f"cannot load the BERT tokenizer {name!r}: {str(e).splitlines()[0]}"
+            ) from None
+        self.length = BERT_LENGTH
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        out = self.tok(
+            [clean(t) for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.length,
+            return_tensors="pt",
+        )
+        return out["input_ids"]
+
+    def mask_entities(self, caption: str, entities: list[str]) -> tuple[list[int], list[bool]]:
+        t = self.tok
+
+        def encode(s: str) -> list[int]:
+            return t.encode(s, add_special_tokens=False) if s.strip() else []
+
+        return _masked_ids(
+            clean(caption), entities, encode, t.cls_token_id, t.sep_token_id, self.length,
+            mask_id=t.mask_token_id,
+        )  # fmt: skip
+
+    def masked(self, captions: list[str], entities: list[list[str]]):
+        rows = [self.mask_entities(c, e) for c, e in zip(captions, entities, strict=True)]
+        return _pad(rows, self.length, self.tok.pad_token_id)
+
+
+@lru_cache(maxsize=4)
+def _codec(kind: str, name: str):
+    return BertText(name) if kind == "bert" else ClipText(name)
+
+
+def codec(model_cfg) -> ClipText | BertText:
+    """The tokenizer of the model's text encoder."""
+    if model_cfg.text_encoder == "bert":
+        return _codec("bert", model_cfg.bert)
+    return _codec("clip", model_cfg.arch)
+
+
+def tokenize(texts: list[str], arch: str) -> torch.Tensor:
+    """CLIP's token ids of texts."""
+    return _codec("clip", arch).tokenize(texts)
+
+
+def mask_entities(caption: str, entities: list[str], arch: str) -> tuple[list[int], list[bool]]:
+    """CLIP's token ids of the caption, and which belong to an entity."""
+    return _codec("clip", arch).mask_entities(caption, entities)
 
 
 def entity_sentence(entities: list[str], template: str) -> str:
