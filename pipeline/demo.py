@@ -1,8 +1,8 @@
 """The whole data pipeline on the synthetic world, offline, with the same stages a user runs.
 
 world -> serve on 127.0.0.1 -> download -> extract-nouns -> filter --exclude generic -> pack
--> pair (each image's partners sharing one of OVSegmentor's entities), into the default paths (data/world, data/raw, manifests/nouns, manifests/labels, data/shards),
-so every command of the README works on the result. A rerun reuses whatever is done.
+-> pair (each image's partners sharing one of OVSegmentor's entities), into the default paths
+(data/world, data/raw, manifests/nouns, manifests/labels, data/shards), so every command of the README works on the result. A rerun reuses whatever is done.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import json
 import random
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,27 +176,18 @@ def run_pair(
             on_advance(1)
     scanned.sort()
     pairs = draw_partners([(r[0], r[4]) for r in scanned], cfg.partners, cfg.seed)
-    columns = (
-        dict(zip(PARTNER_COLUMNS, zip(*scanned, strict=True), strict=False)) if scanned else {}
-    )
+    rows = [(*r, *pairs[r[0]]) for r in scanned]  # one row of PARTNER_COLUMNS per image
+    types = (pa.string(), pa.string(), pa.int64(), pa.int64(), *[pa.list_(pa.string())] * 3)
     table = pa.table(
         {
-            "uid": pa.array(columns.get("uid", ()), pa.string()),
-            "shard": pa.array(columns.get("shard", ()), pa.string()),
-            "offset": pa.array(columns.get("offset", ()), pa.int64()),
-            "size": pa.array(columns.get("size", ()), pa.int64()),
-            "entities": pa.array(columns.get("entities", ()), pa.list_(pa.string())),
-            "partners": pa.array([pairs[r[0]][0] for r in scanned], pa.list_(pa.string())),
-            "shared": pa.array([pairs[r[0]][1] for r in scanned], pa.list_(pa.string())),
+            name: pa.array([r[i] for r in rows], kind)
+            for i, (name, kind) in enumerate(zip(PARTNER_COLUMNS, types, strict=True))
         }
     )
     write_parquet(out, table, settings, inputs)
-    stats.images = len(scanned)
-    stats.with_entity = sum(1 for r in scanned if r[4])
-    stats.with_partner = sum(1 for r in scanned if pairs[r[0]][0])
-    counts: dict[str, int] = {}
-    for r in scanned:
-        for e in r[4]:
-            counts[e] = counts.get(e, 0) + 1
+    stats.images = len(rows)
+    stats.with_entity = sum(1 for r in rows if r[4])
+    stats.with_partner = sum(1 for r in rows if r[5])
+    counts = Counter(e for r in rows for e in r[4])
     stats.entities = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return stats

@@ -36,6 +36,11 @@ from typing import Any, Protocol
 import torch
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: a forward under bf16 autocast is scored in float32 (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass
 class StepContext:
     """What a step may use besides its batch."""

@@ -45,6 +45,14 @@ class ShardSet:
     sizes: dict[str, int] | None = None  # samples of each shard, by url (from sizes.json)
 
 
+def square_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """A decoded RGB image as the stream gives it: (3, size, size) uint8, resized (bicubic) if
+    it is not that size."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def find_shards(folder: str | Path) -> ShardSet:
     folder = Path(folder)
     if not folder.is_dir():
@@ -261,10 +269,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             caption = ""
         if len(labels) > self.max_labels:
             labels = rng.sample(labels, self.max_labels)
-        if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        return x, labels, caption, uid
+        return square_tensor(img, self.size), labels, caption, uid
 
     def __iter__(self) -> Iterator[dict]:
         wid, workers = _worker()

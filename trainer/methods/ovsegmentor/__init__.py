@@ -15,6 +15,7 @@ model is updated after every optimizer step (``after_step``) and saved with the 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -26,6 +27,14 @@ from trainer.methods.ovsegmentor.partners import table
 from trainer.methods.ovsegmentor.text import codec, entity_sentence
 
 
+@lru_cache(maxsize=4)
+def _templates(name: str) -> tuple[str, ...]:
+    """A templates file, read once (not at every step)."""
+    from trainer.eval.infer import read_templates
+
+    return tuple(read_templates(name))
+
+
 def inputs(images: torch.Tensor, batch: dict, ctx: StepContext) -> StepInputs:
     cfg, c = ctx.cfg, ctx.cfg.loss
     text = codec(cfg.model)
@@ -34,9 +43,7 @@ def inputs(images: torch.Tensor, batch: dict, ctx: StepContext) -> StepInputs:
     entities = [pairs.entities(u) for u in uids]
     model = {"images": images, "captions": text.tokenize(batch["captions"]).to(ctx.device)}
     if c.entity_weight:
-        from trainer.eval.infer import read_templates
-
-        templates = read_templates(c.entity_templates)
+        templates = _templates(c.entity_templates)
         ids, masked = text.masked(batch["captions"], entities)
         sentences = [entity_sentence(e, ctx.rng.choice(templates)) for e in entities]
         model |= {
@@ -55,9 +62,7 @@ def inputs(images: torch.Tensor, batch: dict, ctx: StepContext) -> StepInputs:
                 for d in drawn
             ]
         )
-        from trainer.eval.infer import read_templates
-
-        template = read_templates("single")[0]
+        template = _templates("single")[0]
         shared = text.tokenize([template.format(d[1] if d else "") for d in drawn])
         model |= {
             "partners": (partner_images.float() / 255).to(ctx.device, images.dtype),

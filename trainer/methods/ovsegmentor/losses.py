@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from synseg.errors import UserError
+from trainer.methods.base import full_precision
 
 BINARISE = ("absolute", "relative")
 
@@ -117,10 +118,6 @@ def mask_consistency(
     return (per * w).sum() / w.sum().clamp(min=1)
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class Objective(nn.Module):
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
@@ -128,24 +125,26 @@ class Objective(nn.Module):
 
     def forward(self, out, mask_weight: float = 0.0) -> dict[str, torch.Tensor]:
         c = self.cfg
-        scale = _full(out.logit_scale)
-        terms = {"contrast": info_nce(_full(out.image), _full(out.text), scale)}
+        scale = full_precision(out.logit_scale)
+        terms = {"contrast": info_nce(full_precision(out.image), full_precision(out.text), scale)}
         zero = terms["contrast"] * 0
         entity = zero
         if out.masked is not None:
             keep = out.entity_rows
             if int(keep.sum()) >= 2:
-                entity = info_nce(_full(out.masked[keep]), _full(out.entity[keep]), scale)
+                entity = info_nce(
+                    full_precision(out.masked[keep]), full_precision(out.entity[keep]), scale
+                )
         terms["entity"] = entity
         mask = zero
         if out.mask_pred is not None and bool(out.mask_rows.any()):
             mask = mask_consistency(
-                _full(out.mask_pred),
-                _full(out.mask_target),
+                full_precision(out.mask_pred),
+                full_precision(out.mask_target),
                 out.mask_rows,
                 c.dice_smooth,
                 c.mask_symmetric,
-                None if out.mask_soft is None else _full(out.mask_soft),
+                None if out.mask_soft is None else full_precision(out.mask_soft),
             )
         terms["mask"] = mask
         terms["total"] = terms["contrast"] + c.entity_weight * entity + mask_weight * mask

@@ -337,19 +337,9 @@ class BertTextEncoder(nn.Module):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        from trainer.model.compat import ensure_torchvision
+        from trainer.methods.ovsegmentor.text import from_transformers
 
-        ensure_torchvision()  # transformers' models import torchvision when it is there
-        try:
-            from transformers import AutoModel
-        except ImportError:
-            raise UserError(
-                "model.text_encoder=bert needs transformers (pip install transformers)"
-            ) from None
-        try:
-            self.bert = AutoModel.from_pretrained(name)
-        except OSError as e:
-            raise UserError(f"cannot load BERT {name!r}: {str(e).splitlines()[0]}") from None
+        self.bert = from_transformers("AutoModel", name, "BERT")
         self.pad = self.bert.config.pad_token_id or 0
         self.width = self.bert.config.hidden_size
 
@@ -422,7 +412,6 @@ class OVSegmentor(nn.Module):
             self.entity_decoder = EntityDecoder(Wt, W, max(1, Wt // 64))
             self.bridge_projection = projection(Wt, cfg.projection_hidden, cfg.output_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
-        self.context_length = clip.context_length
         # the momentum model: the image encoder and its projection, updated by EMA only
         self.momentum = nn.ModuleDict(
             {
@@ -479,10 +468,6 @@ class OVSegmentor(nn.Module):
         proj = self.momentum["image_projection"] if momentum else self.image_projection
         e = enc((images - self.mean) / self.std)
         return F.normalize(proj(e.groups), dim=-1), F.normalize(proj(e.tokens), dim=-1), e
-
-    def image_embedding(self, e: Encoded, momentum: bool = False) -> torch.Tensor:
-        proj = self.momentum["image_projection"] if momentum else self.image_projection
-        return F.normalize(proj(e.groups.mean(1)), dim=-1)
 
     def text_embedding(self, tokens: torch.Tensor, masked: torch.Tensor | None = None):
         """z of token ids (B, L): the [EOT] feature, projected, normalised."""

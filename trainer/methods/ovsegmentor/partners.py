@@ -11,13 +11,13 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from synseg.errors import UserError
 from synseg.fsutil import read_parquet
 from synseg.shards import PARTNER_COLUMNS, PARTNERS
+from trainer.train.data import square_tensor
 
 
 class PartnerTable:
@@ -59,10 +59,7 @@ class PartnerTable:
         with open(self.folder / self.t["shard"][i], "rb") as f:
             f.seek(self.t["offset"][i])
             data = f.read(self.t["size"][i])
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return square_tensor(Image.open(io.BytesIO(data)).convert("RGB"), size)
 
 
 def table(shards: str | Path) -> PartnerTable:

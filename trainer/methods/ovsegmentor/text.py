@@ -73,10 +73,44 @@ def _pad(rows: list[tuple[list[int], list[bool]]], length: int, pad: int):
     return ids, masked
 
 
-class ClipText:
+def from_transformers(kind: str, name: str, what: str):
+    """transformers' ``kind`` (AutoModel, AutoTokenizer) from ``name`` (a Hugging Face name or a
+    local folder); one line if transformers or the files are missing."""
+    from trainer.model.compat import ensure_torchvision
+
+    ensure_torchvision()  # transformers' models import torchvision when it is there
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            "model.text_encoder=bert needs transformers (pip install transformers)"
+        ) from None
+    try:
+        return getattr(transformers, kind).from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"cannot load {what} {name!r}: {str(e).splitlines()[0]}") from None
+
+
+class _Codec:
+    """What both tokenizers share: a batch of masked captions, padded with ``pad``."""
+
+    length: int
+    pad: int
+
+    def mask_entities(self, caption: str, entities: list[str]) -> tuple[list[int], list[bool]]:
+        raise NotImplementedError
+
+    def masked(self, captions: list[str], entities: list[list[str]]):
+        """(ids (B, L), masked (B, L) bool) of the captions with their entities masked."""
+        rows = [self.mask_entities(c, e) for c, e in zip(captions, entities, strict=True)]
+        return _pad(rows, self.length, self.pad)
+
+
+class ClipText(_Codec):
     def __init__(self, arch: str) -> None:
         self.tok = tokenizer(arch)
         self.length = self.tok.context_length
+        self.pad = 0  # open_clip pads with zeros
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tok([clean(t) for t in texts])
@@ -87,26 +121,11 @@ class ClipText:
             clean(caption), entities, t.encode, t.sot_token_id, t.eot_token_id, self.length
         )
 
-    def masked(self, captions: list[str], entities: list[list[str]]):
-        """(ids (B, L), masked (B, L) bool), zero-padded as open_clip pads."""
-        rows = [self.mask_entities(c, e) for c, e in zip(captions, entities, strict=True)]
-        return _pad(rows, self.length, 0)
 
-
-class BertText:
+class BertText(_Codec):
     def __init__(self, name: str) -> None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise UserError(
-                "model.text_encoder=bert needs transformers (pip install transformers)"
-            ) from None
-        try:
-            self.tok = AutoTokenizer.from_pretrained(name)
-        except OSError as e:
-            raise UserError(
-                f"cannot load the BERT tokenizer {name!r}: {str(e).splitlines()[0]}"
-            ) from None
+        self.tok = from_transformers("AutoTokenizer", name, "the BERT tokenizer")
+        self.pad = self.tok.pad_token_id
         self.length = BERT_LENGTH
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -129,10 +148,6 @@ class BertText:
             clean(caption), entities, encode, t.cls_token_id, t.sep_token_id, self.length,
             mask_id=t.mask_token_id,
         )  # fmt: skip
-
-    def masked(self, captions: list[str], entities: list[list[str]]):
-        rows = [self.mask_entities(c, e) for c, e in zip(captions, entities, strict=True)]
-        return _pad(rows, self.length, self.tok.pad_token_id)
 
 
 @lru_cache(maxsize=4)

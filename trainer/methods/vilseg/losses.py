@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synseg.errors import UserError
+from trainer.methods.base import full_precision
 from trainer.methods.vilseg.views import unflip
 
 LOSS_TERMS = ("vision", "cross", "cluster")
@@ -123,11 +124,6 @@ def cluster_loss(
     return -mutual_information(joint(q, q_view), eps)
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """At least float32: a forward under bf16 autocast is scored in float32 (float64 stays)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class Objective(nn.Module):
     """The three terms by name and their weighted sum, in float32 at least, whatever precision
     the forward ran in."""
@@ -144,19 +140,21 @@ class Objective(nn.Module):
         if out.local_logits is None:  # no local views (vision switched off)
             vision = out.global_logits.sum() * 0
         else:
-            local = _full(out.local_logits).view(B, -1, out.local_logits.shape[-1])
+            local = full_precision(out.local_logits).view(B, -1, out.local_logits.shape[-1])
             vision = vision_loss(
-                _full(out.global_logits),
+                full_precision(out.global_logits),
                 local,
                 c.vision_temp,
                 c.vision_target_temp,
                 c.vision_stop_grad,
             )
-        view = unflip(_full(out.clusters_view), flipped)
+        view = unflip(full_precision(out.clusters_view), flipped)
         terms = {
             "vision": vision,
-            "cross": cross_loss(_full(out.image), _full(out.text), c.temperature, c.symmetric),
-            "cluster": cluster_loss(_full(out.clusters), view, c.eps),
+            "cross": cross_loss(
+                full_precision(out.image), full_precision(out.text), c.temperature, c.symmetric
+            ),
+            "cluster": cluster_loss(full_precision(out.clusters), view, c.eps),
         }
         terms["total"] = sum(getattr(c, k) * terms[k] for k in LOSS_TERMS)
         return terms
