@@ -356,7 +356,7 @@ def test_each_rank_resumes_from_its_own_saved_position():
         {"0": {"at": f"rank {r} worker 0"}, "1": {"at": f"rank {r} worker 1"}} for r in range(3)
     ]
     saved = {"epoch": 0, "batches": 5, "world": 3, "workers": 2, "ranks": ranks}
-    plan = _Plan(ShardSet(["a", "b", "c"], 300), 10, 20, None, 5, 0, saved)
+    plan = _Plan(ShardSet(["a", "b", "c"], 300), None, 10, 20, None, 5, 0, saved)
     for r in range(3):
         epoch, batch, resume = _stream_start(plan, cfg, Ranks(rank=r, world=3))
         assert (epoch, batch) == (0, 5) and resume == {"offset": 1, "workers": ranks[r]}

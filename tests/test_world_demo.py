@@ -12,6 +12,7 @@ from trainer.world.rows import (
     ABLATIONS,
     INIT,
     OVSEG_CLIP_START,
+    PHYSICAL,
     VILSEG_CLIP_START,
     VILSEG_RANDOM_START,
     split_scores,
@@ -21,6 +22,7 @@ from trainer.world.rows import (
 
 VILSEG_ROWS = ("ViL-Seg from the in-world CLIP", "ViL-Seg from scratch (the paper's start)")
 OVSEG_ROW = "OVSegmentor from the in-world CLIP"
+INIT_ROWS = (INIT, *(f"{INIT} {name}" for name in PHYSICAL))
 
 
 def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
@@ -37,7 +39,7 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         sweep=False,
         seeds=2,
         device="cpu",
-        overrides=["data.workers=0"],  # no loader process per run: the test stays quick
+        workers=0,  # no loader process per run: the test stays quick
         processes=1,
     )
     stages = []
@@ -50,13 +52,14 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         "data: pack",
         "data: pair",
         "in-world CLIP pretraining",
+        *(f"{r}, seed {s}" for r in INIT_ROWS for s in (42, 43)),
         "CLIPSeg-style decoder",
         "MCCL (SynSeg), seed 42",
         "MCCL (SynSeg), seed 43",
         *(f"{a}, seed 42" for a in ABLATIONS),
         *(f"{v}, seed {s}" for v in (*VILSEG_ROWS, OVSEG_ROW) for s in (42, 43)),
         "eval: untrained decoder",
-        "eval: CLIPSeg-style init",
+        *(f"eval: {r}" for r in INIT_ROWS),
         "eval: MCCL (SynSeg)",
         f"eval: {VILSEG_CLIP_START}",
         f"eval: {VILSEG_RANDOM_START}",
@@ -66,7 +69,7 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     ):
         assert stage in stages, stage
     models = [r["model"] for r in result.table]
-    assert models[:3] == ["untrained decoder", "CLIPSeg-style init", "MCCL (SynSeg)"]
+    assert models[: 2 + len(INIT_ROWS)] == ["untrained decoder", *INIT_ROWS, "MCCL (SynSeg)"]
     i = models.index(VILSEG_ROWS[0])
     assert models[i - 1 : i + 3] == [
         VILSEG_CLIP_START,
@@ -75,10 +78,11 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         VILSEG_ROWS[1],
     ]
     assert models[i + 3 : i + 5] == [OVSEG_CLIP_START, OVSEG_ROW]
-    assert len(models) == 3 + len(ABLATIONS) + 6 + len(TRAINING_FREE)
+    assert len(models) == 2 + len(INIT_ROWS) + len(ABLATIONS) + 6 + len(TRAINING_FREE)
     starts = {r["model"]: r["start"] for r in result.table}
     assert starts["MCCL (SynSeg)"] == INIT and starts[VILSEG_ROWS[0]] == VILSEG_CLIP_START
-    assert starts[VILSEG_ROWS[1]] == VILSEG_RANDOM_START and starts[INIT] is None
+    assert starts[VILSEG_ROWS[1]] == VILSEG_RANDOM_START and starts[INIT] == "untrained decoder"
+    assert all(starts[r] == INIT for r in INIT_ROWS[1:])
     assert starts[OVSEG_ROW] == OVSEG_CLIP_START
     report = tmp_path / "reports" / "world"
     for name in ("report.md", "results.json", "loss_curves.png", "label_histogram.png"):
@@ -90,7 +94,11 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         for key in ("seen", "unseen", "all", "hm"):
             assert key in row["mean"] and key in row["spread"]
         seeds = [p["seed"] for p in row["per_seed"]]
-        trained = row["model"].startswith("MCCL") or row["model"] in (*VILSEG_ROWS, OVSEG_ROW)
+        trained = row["model"].startswith("MCCL") or row["model"] in (
+            *VILSEG_ROWS,
+            OVSEG_ROW,
+            *INIT_ROWS,
+        )
         assert seeds == ([42, 43] if trained else [None])
         for p in row["per_seed"]:
             s, u = p["seen"], p["unseen"]
@@ -121,9 +129,23 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     # a rerun reuses every stage
     again = []
     run_world_demo(cfg, on_stage=lambda name, what: again.append(what))
-    # CLIP, init, and every run: MCCL and its ablations, the two ViL-Seg rows and OVSegmentor's,
-    # 2 seeds each
-    assert sum("reused" in w for w in again) == 2 + 2 * (1 + len(ABLATIONS) + 3)
+    # CLIP, and every run: the mask-supervised inits, MCCL and its ablations, the two ViL-Seg
+    # rows and OVSegmentor's, 2 seeds each
+    runs = len(INIT_ROWS) + 1 + len(ABLATIONS) + 3
+    assert sum("reused" in w for w in again) == 1 + 2 * runs
+    # a CLIPSeg-style init written after the MCCL runs (a new one) makes them again
+    import os
+    from dataclasses import replace
+
+    init = tmp_path / "runs" / "world" / "clipseg-world.pth"
+    later = init.stat().st_mtime_ns + 10**9
+    os.utime(init, ns=(later, later))
+    third = []
+    small = replace(cfg, ablations=False, vilseg=False, ovsegmentor=False, baselines=False)
+    run_world_demo(small, on_stage=lambda name, what: third.append((name, what)))
+    said = dict(third)
+    assert all(said[f"{r}, seed 42"] == "reused" for r in INIT_ROWS)
+    assert said["MCCL (SynSeg), seed 42"] != "reused" and "steps" in said["MCCL (SynSeg), seed 42"]
 
 
 def row(*unseen):

@@ -2,6 +2,7 @@
 
 synseg-train run --preset tiny --set optim.lr=3e-4 --set data.batch_size=32
 synseg-train run --method vilseg --preset tiny                    # another trained method
+synseg-train run --supervision masks --dataset stuff --data-root data/coco_stuff164k
 synseg-train encode-labels --preset paper --shards data/shards   # optional: before a run
 torchrun --nproc_per_node 8 -m trainer.cli run --preset paper     # several GPUs
 synseg-train methods                                              # what can be trained and scored
@@ -90,6 +91,9 @@ def _setting_help(dotted: str) -> str:
 
 
 ShardsOpt = Annotated[str | None, typer.Option(help=_setting_help("data.shards"))]
+SupervisionOpt = Annotated[str | None, typer.Option(help=_setting_help("data.supervision"))]
+MaskDatasetOpt = Annotated[str | None, typer.Option(help=_setting_help("data.dataset"))]
+MaskRootOpt = Annotated[str | None, typer.Option(help=_setting_help("data.root"))]
 RunOutputOpt = Annotated[str | None, typer.Option(help=_setting_help("run.output"))]
 RunDeviceOpt = Annotated[str | None, typer.Option(help=_setting_help("run.device"))]
 
@@ -116,6 +120,9 @@ def run(
     config: ConfigFilesOpt = [],  # noqa: B006
     set_: RunSetOpt = [],  # noqa: B006
     shards: ShardsOpt = None,
+    supervision: SupervisionOpt = None,
+    dataset: MaskDatasetOpt = None,
+    data_root: MaskRootOpt = None,
     output: RunOutputOpt = None,
     steps: Annotated[int | None, typer.Option(help=_setting_help("optim.max_steps"))] = None,
     device: RunDeviceOpt = None,
@@ -124,7 +131,8 @@ def run(
         typer.Option("--resume", help="Continue the run in --output from its latest checkpoint"),
     ] = False,
 ) -> None:
-    """Train a method (SynSeg's MCCL by default) on the packed shards."""
+    """Train a method (SynSeg's MCCL by default) on the packed shards' captions, or on a
+    dataset's masks (--supervision masks --dataset stuff --data-root DIR)."""
 
     cfg = _settings(
         preset,
@@ -132,6 +140,9 @@ def run(
         set_,
         method,
         data__shards=shards,
+        data__supervision=supervision,
+        data__dataset=dataset,
+        data__root=data_root,
         run__output=output,
         optim__max_steps=steps,
         run__device=device,
@@ -275,7 +286,7 @@ def prepare(
     dataset: Annotated[str, typer.Argument(help=field_docs(PrepareConfig)["dataset"])],
     **settings,
 ) -> None:
-    """Convert a benchmark's validation split into the layout eval reads (no mmcv needed)."""
+    """Convert a benchmark's validation split (or --split train) into the layout eval reads."""
     from synseg.console import progress
     from trainer.eval.prepare import run_prepare
 

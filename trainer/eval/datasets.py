@@ -1,19 +1,23 @@
-"""Validation splits of the zero-shot benchmarks, read from MMSegmentation's on-disk layouts.
+"""The zero-shot benchmarks' splits, read from MMSegmentation's on-disk layouts: ``val`` for
+``eval``, ``train`` for mask-supervised training (``synseg-train run --supervision masks``).
 
-| name    | --data-root (MMSegmentation's folder) | labels                                      |
+| name    | --data-root (MMSegmentation's folder) | labels (SPLIT: val or train)                |
 |---------|---------------------------------------|---------------------------------------------|
-| voc     | VOCdevkit/VOC2012                     | SegmentationClass/*.png, 0 = background     |
+| voc     | VOCdevkit/VOC2012                     | SegmentationClass/*.png, 0 = background; ImageSets/Segmentation/SPLIT.txt |
 | voc20   | VOCdevkit/VOC2012                     | the same, 0 (background) ignored            |
-| context | VOCdevkit/VOC2010                     | SegmentationClassContext/*.png, 0 ignored   |
+| context | VOCdevkit/VOC2010                     | SegmentationClassContext/*.png, 0 ignored; ImageSets/SegmentationContext/SPLIT.txt |
 | context60 | VOCdevkit/VOC2010                   | the same, 0 = background                    |
-| object  | coco_stuff164k                        | annotations/val2017/*_instanceTrainIds.png  |
-| stuff   | coco_stuff164k                        | annotations/val2017/*_labelTrainIds.png     |
-| city    | cityscapes                            | gtFine/val/*/*_gtFine_labelTrainIds.png     |
-| ade     | ADEChallengeData2016                  | annotations/validation/*.png, 0 ignored     |
-| world   | the synthetic world's folder          | VOC2012/SegmentationClass/*.png             |
+| object  | coco_stuff164k                        | annotations/SPLIT2017/*_instanceTrainIds.png |
+| stuff   | coco_stuff164k                        | annotations/SPLIT2017/*_labelTrainIds.png   |
+| city    | cityscapes                            | gtFine/SPLIT/*/*_gtFine_labelTrainIds.png   |
+| ade     | ADEChallengeData2016                  | annotations/{validation,training}/*.png, 0 ignored |
+| world   | the synthetic world's folder          | VOC2012/SegmentationClass/*.png (val.txt)   |
+| world-ref | the synthetic world's folder        | the ``ref`` split (ref.txt), its seen classes only, for either split |
 
 Class names are data: ``trainer/eval/classnames/<name>.txt`` (one class a line, in label order,
-", " between synonyms); the world reads its own ``classes.txt``.
+", " between synonyms); the world reads its own ``classes.txt``, and ``world-ref`` those of
+them that are not unseen (the ref split never shows an unseen class: its labels are renumbered
+to the seen classes, in the world's order).
 """
 
 from __future__ import annotations
@@ -43,13 +47,23 @@ class DatasetSpec:
     num_classes: int  # label values 0..num_classes-1 after reduce_zero_label
     background: bool  # class 0 is "background" (scored by a threshold, not a prompt)
     reduce_zero_label: bool
-    layout: str  # what --data-root must hold, for the error message
-    list_samples: Callable[[Path], list[Sample]]
+    layout: str  # what --data-root must hold, for the error message ({split}: the split's word)
+    list_samples: Callable[[Path, str], list[Sample]]  # root, the split's word
+    splits: tuple[tuple[str, str], ...] = (("val", "val"), ("train", "train"))  # split -> word
+
+    def word(self, split: str) -> str:
+        """The split's name in the dataset's own files (ADE: validation, COCO: val2017)."""
+        words = dict(self.splits)
+        if split not in words:
+            raise UserError(f"{self.name} has no {split} split; it has {', '.join(words)}")
+        return words[split]
 
 
-def _voc_like(images: str, labels: str, split: str) -> Callable[[Path], list[Sample]]:
-    def find(root: Path) -> list[Sample]:
-        ids = (root / split).read_text().split()
+def _voc_like(images: str, labels: str, lists: str) -> Callable[[Path, str], list[Sample]]:
+    """Samples named by ``lists/<split>.txt``."""
+
+    def find(root: Path, split: str) -> list[Sample]:
+        ids = (root / lists / f"{split}.txt").read_text().split()
         return [Sample(i, root / images / f"{i}.jpg", root / labels / f"{i}.png") for i in ids]
 
     return find
@@ -73,50 +87,61 @@ def suffix_pairs(
     return find
 
 
+def _split_pairs(
+    images: str, labels: str, suffix: str, img_suffix: str = ".jpg", nested: bool = False
+) -> Callable[[Path, str], list[Sample]]:
+    """``suffix_pairs`` with the split's word in the folder names (``images/{split}``)."""
+    return lambda root, word: suffix_pairs(
+        images.format(split=word), labels.format(split=word), suffix, img_suffix, nested
+    )(root)
+
+
+COCO_SPLITS = (("val", "val2017"), ("train", "train2017"))
 SPECS = {
     "voc": DatasetSpec(
         "voc",
         21,
         True,
         False,
-        "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt",
-        _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
+        "JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{split}.txt",
+        _voc_like("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"),
     ),
     "context": DatasetSpec(
         "context",
         59,
         False,
         True,
-        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/val.txt",
-        _voc_like(
-            "JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/val.txt"
-        ),
+        "JPEGImages/, SegmentationClassContext/, ImageSets/SegmentationContext/{split}.txt",
+        _voc_like("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"),
     ),
     "object": DatasetSpec(
         "object",
         81,
         True,
         False,
-        "images/val2017/*.jpg, annotations/val2017/*_instanceTrainIds.png",
-        suffix_pairs("images/val2017", "annotations/val2017", "_instanceTrainIds.png"),
+        "images/{split}/*.jpg, annotations/{split}/*_instanceTrainIds.png",
+        _split_pairs("images/{split}", "annotations/{split}", "_instanceTrainIds.png"),
+        COCO_SPLITS,
     ),
     "stuff": DatasetSpec(
         "stuff",
         171,
         False,
         False,
-        "images/val2017/*.jpg, annotations/val2017/*_labelTrainIds.png",
-        suffix_pairs("images/val2017", "annotations/val2017", "_labelTrainIds.png"),
+        "images/{split}/*.jpg, annotations/{split}/*_labelTrainIds.png",
+        _split_pairs("images/{split}", "annotations/{split}", "_labelTrainIds.png"),
+        COCO_SPLITS,
     ),
     "city": DatasetSpec(
         "city",
         19,
         False,
         False,
-        "leftImg8bit/val/CITY/*_leftImg8bit.png, gtFine/val/CITY/*_gtFine_labelTrainIds.png",
-        suffix_pairs(
-            "leftImg8bit/val",
-            "gtFine/val",
+        "leftImg8bit/{split}/CITY/*_leftImg8bit.png, "
+        "gtFine/{split}/CITY/*_gtFine_labelTrainIds.png",
+        _split_pairs(
+            "leftImg8bit/{split}",
+            "gtFine/{split}",
             "_gtFine_labelTrainIds.png",
             "_leftImg8bit.png",
             nested=True,
@@ -127,8 +152,9 @@ SPECS = {
         150,
         False,
         True,
-        "images/validation/*.jpg, annotations/validation/*.png",
-        suffix_pairs("images/validation", "annotations/validation", ".png"),
+        "images/{split}/*.jpg, annotations/{split}/*.png",
+        _split_pairs("images/{split}", "annotations/{split}", ".png"),
+        (("val", "validation"), ("train", "training")),
     ),
     "world": DatasetSpec(
         "world",
@@ -136,12 +162,23 @@ SPECS = {
         False,
         False,
         "classes.txt, VOC2012/JPEGImages/, VOC2012/SegmentationClass/, "
-        "VOC2012/ImageSets/Segmentation/val.txt (made by `synseg-data world`)",
-        lambda root: _voc_like(
-            "VOC2012/JPEGImages",
-            "VOC2012/SegmentationClass",
-            "VOC2012/ImageSets/Segmentation/val.txt",
-        )(root),
+        "VOC2012/ImageSets/Segmentation/{split}.txt (made by `synseg-data world`)",
+        _voc_like(
+            "VOC2012/JPEGImages", "VOC2012/SegmentationClass", "VOC2012/ImageSets/Segmentation"
+        ),
+        (("val", "val"),),
+    ),
+    "world-ref": DatasetSpec(
+        "world-ref",
+        0,
+        False,
+        False,
+        "classes.txt, world.json, VOC2012/JPEGImages/, VOC2012/SegmentationClass/, "
+        "VOC2012/ImageSets/Segmentation/{split}.txt (made by `synseg-data world`)",
+        _voc_like(
+            "VOC2012/JPEGImages", "VOC2012/SegmentationClass", "VOC2012/ImageSets/Segmentation"
+        ),
+        (("val", "ref"), ("train", "ref")),
     ),
 }
 
@@ -192,6 +229,8 @@ class Dataset:
     root: Path
     classes: list[list[str]]  # names (with synonyms) of each label value
     samples: list[Sample]
+    split: str = "val"
+    lookup: np.ndarray | None = None  # 256 entries: the files' label values renumbered
 
     @property
     def num_classes(self) -> int:
@@ -210,6 +249,8 @@ class Dataset:
             raise UserError(f"label {sample.label} is not a single-channel class map")
         if self.spec.reduce_zero_label:
             label = reduce_zero_label(label)
+        if self.lookup is not None:
+            label = self.lookup[label]
         bad = (label != 255) & (label >= self.num_classes)
         if bad.any():
             raise UserError(
@@ -219,38 +260,69 @@ class Dataset:
         return image, label
 
 
+def _seen_only(root: Path) -> tuple[list[list[str]], np.ndarray]:
+    """The world's classes less its unseen ones, and the table renumbering its labels to them
+    (an unseen class's pixels, which ref never has, would be ignored: 255)."""
+    from pipeline.world import load_world
+
+    names = read_classnames(root / "classes.txt")
+    unseen = set(load_world(root).get("unseen", ()))
+    lookup = np.full(256, 255, dtype=np.uint8)
+    kept = []
+    for value, synonyms in enumerate(names):
+        if synonyms[0] not in unseen:
+            lookup[value] = len(kept)
+            kept.append(synonyms)
+    return kept, lookup
+
+
 def open_dataset(
-    name: str, root: str | Path, classes: str | Path | None = None, limit: int = 0
+    name: str,
+    root: str | Path,
+    classes: str | Path | None = None,
+    limit: int = 0,
+    split: str = "val",
 ) -> Dataset:
     if name not in SPECS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(SPECS)}")
     if limit < 0:
         raise UserError(f"--limit must be 0 (all images) or more, not {limit}")
     spec, root = SPECS[name], Path(root)
+    word = spec.word(split)
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist")
     try:
-        samples = spec.list_samples(root)
+        samples = spec.list_samples(root, word)
     except FileNotFoundError:
         samples = []
     samples = [s for s in samples if s.label.exists()]
     if not samples:
+        hint = (
+            f" (`synseg-train prepare {name} --split {split}` writes it)" if split != "val" else ""
+        )
         raise UserError(
-            f"{root} does not hold {name} in MMSegmentation's layout: expected {spec.layout}"
+            f"{root} does not hold the {split} split of {name} in MMSegmentation's layout: "
+            f"expected {spec.layout.format(split=word)}{hint}"
         )
     missing = [s for s in samples if not s.image.exists()]
     if missing:
         raise UserError(f"{len(missing)} image(s) of {name} are missing, e.g. {missing[0].image}")
-    if classes is None:
-        classes = root / "classes.txt" if name == "world" else CLASSNAMES / f"{name}.txt"
-    names = read_classnames(Path(classes))
-    expected = spec.num_classes
-    if not expected:  # the world: as many classes as the world itself lists
-        expected = len(read_classnames(root / "classes.txt"))
-    if len(names) != expected:
-        raise UserError(
-            f"class file {classes} has {len(names)} classes; {name} labels have {expected}"
-        )
+    lookup = None
+    if name == "world-ref" and classes is None:
+        names, lookup = _seen_only(root)
+        classes = root / "classes.txt"
+    else:
+        if classes is None:
+            world = name.startswith("world")
+            classes = root / "classes.txt" if world else CLASSNAMES / f"{name}.txt"
+        names = read_classnames(Path(classes))
+        expected = spec.num_classes
+        if not expected:  # the world: as many classes as the world itself lists
+            expected = len(read_classnames(root / "classes.txt"))
+        if len(names) != expected:
+            raise UserError(
+                f"class file {classes} has {len(names)} classes; {name} labels have {expected}"
+            )
     if limit:
         samples = samples[:limit]
-    return Dataset(spec, root, names, samples)
+    return Dataset(spec, root, names, samples, split, lookup)

@@ -1,27 +1,30 @@
-"""prepare: a benchmark's validation split, from the files its authors publish, into the
-MMSegmentation layout ``eval`` reads, without mmcv or the Pascal Context Detail API.
+"""prepare: a benchmark's validation split (or, with ``--split train``, its training split, for
+mask-supervised training), from the files its authors publish, into the MMSegmentation layout
+``eval`` and ``synseg-train run --supervision masks`` read, without mmcv or the Pascal Context
+Detail API.
 
 | dataset | --source holds                                         | labels written                      |
 |---------|--------------------------------------------------------|-------------------------------------|
-| voc     | VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/val.txt} | copied (palette index = label) |
-| context | VOC2010/JPEGImages and trainval_merged.json            | the 59 kept ids of the 459 classes, sorted, -> 1..59; everything else 0 |
-| object  | images/val2017/*.jpg, annotations/val2017/*.png (COCO-Stuff ``stuffthingmaps``) | thing ids 0-90 -> 1-80, stuff and unlabeled (255) -> 0 |
+| voc     | VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation/SPLIT.txt} | copied (palette index = label) |
+| context | VOC2010/JPEGImages and trainval_merged.json (its ``phase``) | the 59 kept ids of the 459 classes, sorted, -> 1..59; everything else 0 |
+| object  | images/SPLIT2017/*.jpg, annotations/SPLIT2017/*.png (COCO-Stuff ``stuffthingmaps``) | thing ids 0-90 -> 1-80, stuff and unlabeled (255) -> 0 |
 | stuff   | the same                                               | the 171 used ids -> 0-170, 255 kept |
-| city    | leftImg8bit/val/CITY/*_leftImg8bit.png, gtFine/val/CITY/*_gtFine_labelIds.png | Cityscapes' trainIds, 255 for the ignored |
-| ade     | ADEChallengeData2016 images/ and annotations/validation | copied                              |
+| city    | leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, gtFine/SPLIT/CITY/*_gtFine_labelIds.png | Cityscapes' trainIds, 255 for the ignored |
+| ade     | ADEChallengeData2016 images/ and annotations/{validation,training} | copied                  |
 
 The rules are the converters of record: MMSegmentation 0.27's ``pascal_context.py`` (which
 maps through ``np.digitize`` over the sorted kept ids), ``coco_stuff164k.py``, and GroupViT's
 ``cvt_coco_object.py`` (used by TCL, SCLIP and NACLIP; its ``k > 90 -> 0`` also sends the
 unlabeled value 255 to background); Cityscapes' own label table (cityscapesscripts' ``labels.py``)
-for ``labelTrainIds``. Only the validation split is written (the zero-shot benchmarks score it).
+for ``labelTrainIds``. SPLIT is ``val`` unless ``--split train`` says otherwise; both splits may
+share one output folder.
 
 Images are hard-linked where the file system allows (copied otherwise); every file is written
 atomically, so an interrupted run leaves no half-written file and a rerun redoes only what is
 missing, or what a source changed since gives (``prepare-<dataset>.sources.json``: each
 output's sources by name, size and modification time, written before any output, so a killed
 run's outputs stay valid). Files get the umask's mode: a source with another mode is copied,
-not linked. ``prepare-<dataset>.json`` records the image count, a label histogram and a SHA-256 of
+not linked. ``prepare-<dataset>.json`` (``prepare-<dataset>-train.json`` for the training split) records the image count, a label histogram and a SHA-256 of
 the label maps (name, shape and values, in name order), written last: a folder without it is
 not finished.
 """
@@ -46,6 +49,7 @@ from synseg.fsutil import atomic_path, clean_stale, file_mode, write_json
 from trainer.eval.datasets import Sample, suffix_pairs
 
 DATASETS = ("voc", "context", "object", "stuff", "city", "ade")
+SPLITS = ("val", "train")
 
 # Pascal Context: the 59 most frequent of the 459 category ids, and 0 (unlabelled).
 CONTEXT_KEPT = sorted(
@@ -271,12 +275,12 @@ def _pairs(
     return out
 
 
-def _voc_plan(source: Path, out: Path) -> tuple[list[Job], dict[str, str]]:
+def _voc_plan(source: Path, out: Path, split: str) -> tuple[list[Job], dict[str, str]]:
     root = _under(source, "VOC2012", "ImageSets/Segmentation")
-    val = _need(root / "ImageSets/Segmentation/val.txt", "the val list")
-    ids = val.read_text().split()
+    listed = _need(root / f"ImageSets/Segmentation/{split}.txt", f"the {split} list")
+    ids = listed.read_text().split()
     if not ids:
-        raise UserError(f"{val} lists no val images")
+        raise UserError(f"{listed} lists no {split} images")
     jobs, missing = [], []
     for i in ids:
         img, lab = root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png"
@@ -293,14 +297,14 @@ def _voc_plan(source: Path, out: Path) -> tuple[list[Job], dict[str, str]]:
         )
     if missing:
         raise UserError(
-            f"source is incomplete: {len(missing)} of {len(ids)} val images lack their JPEG "
+            f"source is incomplete: {len(missing)} of {len(ids)} {split} images lack their JPEG "
             f"or SegmentationClass PNG, e.g. {missing[0]}"
         )
-    return jobs, {"ImageSets/Segmentation/val.txt": "".join(f"{i}\n" for i in ids)}
+    return jobs, {f"ImageSets/Segmentation/{split}.txt": "".join(f"{i}\n" for i in ids)}
 
 
 def _context_plan(
-    source: Path, out: Path, annotations: str | None
+    source: Path, out: Path, annotations: str | None, split: str
 ) -> tuple[list[Job], dict[str, str]]:
     root = _under(source, "VOC2010", "JPEGImages")
     images = _need(root / "JPEGImages", "the VOC2010 images")
@@ -311,7 +315,7 @@ def _context_plan(
     _need(ann_path, "Pascal Context's annotation file; --annotations names another place")
     try:
         data = json.loads(ann_path.read_text())
-        imgs = [i for i in data["images"] if i.get("phase") == "val"]
+        imgs = [i for i in data["images"] if i.get("phase") == split]
         segs = data["annos_segmentation"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{ann_path} is not Pascal Context's trainval_merged.json ({e})") from None
@@ -358,41 +362,43 @@ def _context_plan(
             )
         )
     if not jobs:
-        raise UserError(f"{ann_path} lists no val images")
+        raise UserError(f"{ann_path} lists no {split} images")
     if missing:
         raise UserError(
-            f"source is incomplete: {len(missing)} of {len(jobs)} val images are not in "
+            f"source is incomplete: {len(missing)} of {len(jobs)} {split} images are not in "
             f"{images}, e.g. {missing[0]}"
         )
-    lists = {"ImageSets/SegmentationContext/val.txt": "".join(f"{n}\n" for n in sorted(names))}
+    lists = {f"ImageSets/SegmentationContext/{split}.txt": "".join(f"{n}\n" for n in sorted(names))}
     return jobs, lists
 
 
-def _coco_plan(source: Path, out: Path, rule: str, suffix: str) -> tuple[list[Job], dict]:
+def _coco_plan(
+    source: Path, out: Path, rule: str, suffix: str, split: str
+) -> tuple[list[Job], dict]:
+    images, labels = f"images/{split}2017", f"annotations/{split}2017"
     jobs = [
         Job(
             str(s.image),
-            str(out / "images/val2017" / s.image.name),
-            str(out / "annotations/val2017" / f"{s.name}{suffix}"),
+            str(out / images / s.image.name),
+            str(out / labels / f"{s.name}{suffix}"),
             rule,
             str(s.label),
         )
-        for s in _pairs(source, "images/val2017", "annotations/val2017", ".png", ".jpg")
+        for s in _pairs(source, images, labels, ".png", ".jpg")
     ]
     return jobs, {}
 
 
-def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
+def _city_plan(source: Path, out: Path, split: str) -> tuple[list[Job], dict]:
     jobs = []
-    for s in _pairs(
-        source, "leftImg8bit/val", "gtFine/val", "_gtFine_labelIds.png", "_leftImg8bit.png", True
-    ):
+    images, labels = f"leftImg8bit/{split}", f"gtFine/{split}"
+    for s in _pairs(source, images, labels, "_gtFine_labelIds.png", "_leftImg8bit.png", True):
         city = s.label.parent.name
         jobs.append(
             Job(
                 str(s.image),
-                str(out / "leftImg8bit/val" / city / s.image.name),
-                str(out / "gtFine/val" / city / f"{s.name}_gtFine_labelTrainIds.png"),
+                str(out / images / city / s.image.name),
+                str(out / labels / city / f"{s.name}_gtFine_labelTrainIds.png"),
                 "lut:city",
                 str(s.label),
             )
@@ -400,17 +406,19 @@ def _city_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
     return jobs, {}
 
 
-def _ade_plan(source: Path, out: Path) -> tuple[list[Job], dict]:
-    root = _under(source, "ADEChallengeData2016", "images/validation")
+def _ade_plan(source: Path, out: Path, split: str) -> tuple[list[Job], dict]:
+    word = {"val": "validation", "train": "training"}[split]
+    images, labels = f"images/{word}", f"annotations/{word}"
+    root = _under(source, "ADEChallengeData2016", images)
     jobs = [
         Job(
             str(s.image),
-            str(out / "images/validation" / s.image.name),
-            str(out / "annotations/validation" / s.label.name),
+            str(out / images / s.image.name),
+            str(out / labels / s.label.name),
             "copy",
             str(s.label),
         )
-        for s in _pairs(root, "images/validation", "annotations/validation", ".png", ".jpg")
+        for s in _pairs(root, images, labels, ".png", ".jpg")
     ]
     return jobs, {}
 
@@ -425,8 +433,11 @@ class PrepareConfig:
     output: str  # folder for MMSegmentation's layout (--data-root of eval)
     annotations: str | None = None  # context: trainval_merged.json (default: in --source)
     processes: int = 0  # worker processes (0: one per core, at most 8)
+    split: str = "val"  # val (what eval scores) or train (for --supervision masks)
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise UserError(f"unknown split {self.split!r}; prepare writes {', '.join(SPLITS)}")
         if self.dataset not in DATASETS:
             raise UserError(
                 f"unknown dataset {self.dataset!r}; prepare knows {', '.join(DATASETS)}"
@@ -448,18 +459,23 @@ class PrepareStats:
 
 
 def plan(cfg: PrepareConfig) -> tuple[list[Job], dict[str, str]]:
-    source, out = Path(cfg.source), Path(cfg.output)
+    source, out, split = Path(cfg.source), Path(cfg.output), cfg.split
     if cfg.dataset == "voc":
-        return _voc_plan(source, out)
+        return _voc_plan(source, out, split)
     if cfg.dataset == "context":
-        return _context_plan(source, out, cfg.annotations)
+        return _context_plan(source, out, cfg.annotations, split)
     if cfg.dataset == "object":
-        return _coco_plan(source, out, "lut:object", "_instanceTrainIds.png")
+        return _coco_plan(source, out, "lut:object", "_instanceTrainIds.png", split)
     if cfg.dataset == "stuff":
-        return _coco_plan(source, out, "lut:stuff", "_labelTrainIds.png")
+        return _coco_plan(source, out, "lut:stuff", "_labelTrainIds.png", split)
     if cfg.dataset == "city":
-        return _city_plan(source, out)
-    return _ade_plan(source, out)
+        return _city_plan(source, out, split)
+    return _ade_plan(source, out, split)
+
+
+def record_name(cfg: PrepareConfig) -> str:
+    """The manifest's stem: ``prepare-<dataset>`` for val, ``prepare-<dataset>-train``."""
+    return f"prepare-{cfg.dataset}" + ("" if cfg.split == "val" else f"-{cfg.split}")
 
 
 def _identity(job: Job) -> str:
@@ -494,10 +510,10 @@ def _check_output(cfg: PrepareConfig, out: Path, jobs: list[Job], lists: dict) -
         )
 
 
-def _forget_changed(out: Path, dataset: str, jobs: list[Job]) -> None:
+def _forget_changed(out: Path, stem: str, jobs: list[Job]) -> None:
     """Record each job's sources (before any job runs, so a killed run's outputs stay valid)
     and remove the outputs of those whose sources changed since: they are made again."""
-    record = out / f"prepare-{dataset}.sources.json"
+    record = out / f"{stem}.sources.json"
     try:
         old = json.loads(record.read_text()) if record.exists() else {}
     except (OSError, ValueError):
@@ -519,9 +535,9 @@ def run_prepare(
     jobs, lists = plan(cfg)
     out = Path(cfg.output)
     _check_output(cfg, out, jobs, lists)
-    manifest = out / f"prepare-{cfg.dataset}.json"
+    manifest = out / f"{record_name(cfg)}.json"
     manifest.unlink(missing_ok=True)  # written again at the end, when everything is there
-    _forget_changed(out, cfg.dataset, jobs)
+    _forget_changed(out, record_name(cfg), jobs)
     for folder in {Path(j.label_out).parent for j in jobs} | {
         Path(j.image_out).parent for j in jobs
     }:
@@ -543,7 +559,7 @@ def run_prepare(
     labels = {str(k): histogram[k] for k in sorted(histogram)}
     record = {
         "dataset": cfg.dataset,
-        "split": "val",
+        "split": cfg.split,
         "images": len(jobs),
         "label_sha256": total,
         "labels": labels,

@@ -179,6 +179,6 @@ def geometry(p: Protocol, dataset: str, model_size: int) -> tuple[int, int, int,
     """(short side, long side, window, stride) of protocol ``p`` on ``dataset``."""
     short = p.short_side_city if dataset == "city" and p.short_side_city else p.short_side
     sizes = (short, p.long_side, p.window, p.stride)
-    if dataset != "world":
+    if not dataset.startswith("world"):
         return sizes
     return tuple(max(1, round(s * model_size / 224)) for s in sizes)

@@ -17,6 +17,9 @@ A method is one package, ``trainer/methods/<name>/``, whose ``METHOD`` is a ``Tr
   metric serve every method unchanged;
 - ``presets``: a folder of JSON presets (``synseg-train presets``);
 - ``after_step`` (optional): what the model does after each optimizer step (an EMA);
+- ``dense`` (optional): a ``Dense``, the model's dense class scores with gradients and its
+  class-agnostic feature levels: what mask-supervised training (``--supervision masks``) and
+  the physically-guided heads (``trainer.train.physical``) need;
 - ``export_hf`` (optional): its model as a Hugging Face checkpoint, ``(state dict, config,
   image processor config, context length)`` (``synseg-train export``).
 
@@ -87,6 +90,30 @@ class Scorer(Protocol):
         """Scores turned into probabilities along the names' axis ``dim``."""
 
 
+@dataclass
+class DenseOutput:
+    """What a dense forward gives the mask loss and the auxiliary heads."""
+
+    logits: torch.Tensor  # (B, C, H, W) class scores at the images' size
+    levels: list[torch.Tensor]  # class-agnostic features (B, c_t, h, w), deepest first
+
+
+@dataclass(frozen=True)
+class Dense:
+    """How a method's model scores classes densely while it trains.
+
+    ``text(model, names, ctx)``: (C, d) the class names' embeddings (with gradients when the
+    text tower trains); ``forward(model, images, text)``: a ``DenseOutput``; ``widths(model)``:
+    (the levels' channels, deepest first; d); ``probabilities``: how its scores become
+    probabilities, which sets the mask loss: ``sigmoid`` (per-class binary cross-entropy, as
+    CLIPSeg trains) or ``softmax`` (cross-entropy over the classes)."""
+
+    text: Callable[[Any, list[str], StepContext], torch.Tensor]
+    forward: Callable[..., DenseOutput]
+    widths: Callable[[Any], tuple[list[int], int]]
+    probabilities: str = "sigmoid"
+
+
 @dataclass(frozen=True)
 class TrainedMethod:
     name: str
@@ -107,6 +134,7 @@ class TrainedMethod:
     # What the model does after each optimizer step (a momentum model's EMA, say): model,
     # TrainConfig in; under no_grad. Its state must be in ``trainable_state_dict``.
     after_step: Callable[[Any, Any], None] | None = None
+    dense: Dense | None = None
 
     def preset_names(self) -> list[str]:
         return sorted(p.stem for p in self.presets.glob("*.json"))

@@ -103,15 +103,23 @@ def load_weights(model, ckpt: Path) -> None:
         weights = load_file(str(ckpt / "model.safetensors"))
     except Exception as e:
         raise UserError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+    from trainer.train.physical import PREFIX
+
     own = model.trainable_state_dict()
     wrong = [k for k in own if k not in weights or weights[k].shape != own[k].shape]
-    extra = [k for k in weights if k not in own]
+    # the auxiliary heads' weights are the training's (a Trainee loads them; eval has none)
+    extra = [k for k in weights if k not in own and not k.startswith(PREFIX)]
     if wrong or extra:
         key = (wrong or extra)[0]
         raise UserError(
             f"checkpoint {ckpt} is for another architecture ({key} does not fit this model)"
         )
-    model.load_state_dict(weights, strict=False)
+    if hasattr(model, "load_trainable"):
+        model.load_trainable(weights)
+    else:
+        model.load_state_dict(
+            {k: v for k, v in weights.items() if not k.startswith(PREFIX)}, strict=False
+        )
 
 
 def load_optimizer(optimizer, ckpt: Path) -> tuple[int, int]:

@@ -32,11 +32,15 @@ DEFAULT_METHOD = "synseg"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 REPORTERS = ("tensorboard", "wandb")  # where run.report_to sends the metrics too
+SUPERVISIONS = ("captions", "masks")
 
 
 @dataclass
 class DataConfig:
+    supervision: str = "captions"  # captions (the shards' labels) or masks (a dataset's masks)
     shards: str = "data/shards"  # a folder with sizes.json (from `synseg-data pack`)
+    dataset: str = ""  # masks: the dataset whose train split is read (eval's names: stuff, ...)
+    root: str = ""  # masks: its folder in MMSegmentation's layout (eval's --data-root)
     image_size: int = 224  # training resolution (images are resized if the shards differ)
     batch_size: int = 128  # images per step and per process
     max_labels: int = 8  # images with more labels use a random subset of this size
@@ -378,7 +382,32 @@ def _check(cfg: TrainConfig) -> list[str]:
         problems.append("run.val_protocol must be tcl, sclip or native")
     if problem := template_problem(cfg.data.template):
         problems.append(f"data.template {problem}")
+    problems += _supervision_problems(cfg)
     return problems + methods.trained(cfg.method).check(cfg)
+
+
+def _supervision_problems(cfg: TrainConfig) -> list[str]:
+    """What the supervision and the physically-guided losses need of the data and the method."""
+    data, loss, method = cfg.data, cfg.loss, methods.trained(cfg.method)
+    if data.supervision not in SUPERVISIONS:
+        return [f"data.supervision must be one of {', '.join(SUPERVISIONS)}"]
+    problems = []
+    if data.supervision == "masks":
+        if method.dense is None:
+            problems.append(
+                f"{cfg.method} gives no dense class scores to train on masks (--supervision "
+                "masks needs a method with a Dense forward)"
+            )
+        if not data.dataset or not data.root:
+            problems.append("--supervision masks reads --dataset and --data-root")
+    elif needed := loss.masks_needed():
+        problems.append(f"{' and '.join(needed)} read masks: add --supervision masks")
+    if (loss.structure or loss.patch_align) and method.dense is None:
+        problems.append(
+            f"loss.structure and loss.patch_align train heads on feature levels, which "
+            f"{cfg.method}'s model does not give"
+        )
+    return problems
 
 
 def reporters(run: RunConfig) -> list[str]:

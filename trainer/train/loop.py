@@ -1,8 +1,13 @@
-"""The training loop: any trained method (``trainer.methods``) on packed shards, one process
-or many (torchrun, DDP).
+"""The training loop: any trained method (``trainer.methods``) on packed shards' captions, or
+on a dataset's masks (``data.supervision=masks``, ``trainer.train.masks``), one process or
+many (torchrun, DDP).
 
-What trains, what the step feeds the model and what it minimises are the method's; the loop
-owns the rest: the shard stream, the label-embedding table for methods that read one, the
+What trains, what the step feeds the model and what it minimises are the method's under
+caption supervision; under mask supervision the step feeds the method's dense forward
+(``Dense``) every class of the dataset and minimises the mask loss. Either way the
+physically-guided losses (``trainer.train.physical``) are added when their settings say so,
+their heads trained and saved with the model (``Trainee``). The loop owns the rest: the shard
+stream or the mask batches, the label-embedding table for methods that read one, the
 optimizer and its schedule, DDP, metrics, checkpoints. A run folder holds ``config.json`` (the
 resolved settings), ``metrics.jsonl`` and ``checkpoints/``. ``resume=True`` continues from the
 latest checkpoint at the next step, with the same data order and the same random draws as an
@@ -29,13 +34,16 @@ from synseg.errors import UserError
 from synseg.fsutil import clean_stale, write_json
 from synseg.shards import VOCABULARY
 from trainer import methods
-from trainer.methods.base import StepContext
+from trainer.methods.base import StepContext, StepInputs
 from trainer.train import checkpoint, distributed
 from trainer.train.config import TrainConfig, reporters
 from trainer.train.data import ShardSet, ShardStream, Vocabulary, find_shards, loader
 from trainer.train.distributed import Ranks
+from trainer.train.masks import MaskSet, epoch_batches, mask_loss
+from trainer.train.masks import loader as mask_loader
 from trainer.train.metrics import MetricsLog
 from trainer.train.optim import build_optimizer, lr_at, set_lr
+from trainer.train.physical import Trainee, auxiliary_terms
 from trainer.train.textcache import LabelCache
 
 
@@ -67,13 +75,15 @@ def _compatible(saved: dict, cfg: TrainConfig) -> None:
     diffs = []
     if saved.get("method", "synseg") != cfg.method:
         diffs.append(f"method: {saved.get('method', 'synseg')!r} -> {cfg.method!r}")
+    defaults = TrainConfig(method=cfg.method).to_dict()
     for group in ("model", "loss", "data", "optim"):
         for key, value in now[group].items():
             if group == "optim" and key in ("max_steps", "epochs"):
                 continue  # a resumed run may go further
             if group == "data" and key == "workers":
                 continue  # another machine's cores: the epoch is replayed (TrainStats.replayed)
-            old = saved.get(group, {}).get(key)
+            # a setting newer than the checkpoint held its default then
+            old = saved.get(group, {}).get(key, defaults[group][key])
             if isinstance(value, tuple):
                 value = list(value)
             if old != value:
@@ -88,7 +98,8 @@ def _compatible(saved: dict, cfg: TrainConfig) -> None:
 class _Plan:
     """What a run will do: its data, its length and where it starts."""
 
-    shards: ShardSet
+    shards: ShardSet | None  # caption supervision
+    masks: MaskSet | None  # mask supervision
     steps_per_epoch: int
     total: int
     checkpoint: Path | None = None  # the one resumed from
@@ -99,7 +110,13 @@ class _Plan:
 
 def _plan(cfg: TrainConfig, resume: bool, env: Ranks) -> _Plan:
     run = Path(cfg.run.output)
-    shards = find_shards(cfg.data.shards)
+    shards = masks = None
+    if cfg.data.supervision == "masks":
+        masks = MaskSet(cfg.data.dataset, cfg.data.root, cfg.data.image_size)
+        samples = len(masks)
+    else:
+        shards = find_shards(cfg.data.shards)
+        samples = shards.samples
     ckpt = None
     if resume:
         ckpt = checkpoint.find(run)
@@ -108,17 +125,25 @@ def _plan(cfg: TrainConfig, resume: bool, env: Ranks) -> _Plan:
         raise UserError(
             f"{run} already holds a run; pass --resume to continue it or choose another run.output"
         )
-    steps_per_epoch = max(1, shards.samples // (cfg.data.batch_size * env.world))
+    if samples < cfg.data.batch_size * env.world:
+        raise UserError(
+            f"the data hold {samples} images, fewer than one batch on every process "
+            f"({cfg.data.batch_size} x {env.world}); lower data.batch_size"
+        )
+    steps_per_epoch = samples // (cfg.data.batch_size * env.world)
     total = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps:
         total = min(total, cfg.optim.max_steps) if cfg.optim.epochs else cfg.optim.max_steps
-    return _Plan(shards, steps_per_epoch, total, ckpt)
+    return _Plan(shards, masks, steps_per_epoch, total, ckpt)
 
 
 def _build(cfg: TrainConfig, plan: _Plan, device: torch.device):
-    """The model and its optimizer, at the checkpoint's state when resuming."""
+    """The model (with the auxiliary heads its losses need, a ``Trainee``) and its optimizer,
+    at the checkpoint's state when resuming."""
     torch.manual_seed(cfg.run.seed)
-    model = methods.trained(cfg.method).build(cfg.model).to(device)
+    method = methods.trained(cfg.method)
+    model = Trainee(method.build(cfg.model), method.dense, cfg.loss, plan.masks is not None)
+    model = model.to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.trainable_parameters(), cfg.optim)
@@ -146,11 +171,12 @@ def _wrap(model, cfg: TrainConfig, env: Ranks, device: torch.device):
 
 
 def _label_table(
-    cfg: TrainConfig, model, vocab: Vocabulary, env: Ranks, on_start=None, on_encode=None
+    cfg: TrainConfig, model, phrases: list[str], env: Ranks, on_start=None, on_encode=None
 ) -> LabelCache | None:
-    """The label embeddings of the whole vocabulary, for a method whose labels a frozen text
-    tower embeds (None for the others): the main process encodes what the cache on disk lacks
-    and saves it; the other processes then read it."""
+    """The label embeddings of ``phrases`` (the whole vocabulary, or a mask dataset's class
+    names), for a method whose labels a frozen text tower embeds (None for the others): the
+    main process encodes what the cache on disk lacks and saves it; the other processes then
+    read it."""
     if not methods.trained(cfg.method).label_embeddings:
         return None
     folder = Path(cfg.run.text_cache or Path(cfg.run.output) / "text_cache")
@@ -158,7 +184,7 @@ def _label_table(
     if env.main:
         cache = LabelCache(model.backbone, cfg.data.template, folder)
         every = cfg.run.encode_save_every
-        if cache.ensure(vocab.phrases, cfg.run.encode_batch, on_start, on_encode, every):
+        if cache.ensure(phrases, cfg.run.encode_batch, on_start, on_encode, every):
             cache.save()
     if env.world > 1:
         dist.barrier()
@@ -193,12 +219,13 @@ class _Step:
     """One optimisation step with no host-device synchronisation: the loss terms stay on the
     device, and a non-finite loss is remembered there (its step) until the next log line."""
 
-    def __init__(self, cfg, model, net, opt, total, cache, vocab, env, device) -> None:
+    def __init__(self, cfg, model, net, opt, total, cache, vocab, env, device, names) -> None:
         self.cfg, self.model, self.net, self.opt, self.total = cfg, model, net, opt, total
         self.cache, self.vocab, self.env, self.device = cache, vocab, env, device
+        self.names = names  # mask supervision: the dataset's class names (else None)
         self.method = methods.trained(cfg.method)
         self.params = model.trainable_parameters()
-        self.loss_fn = self.method.objective(cfg.loss).to(device)
+        self.loss_fn = None if names else self.method.objective(cfg.loss).to(device)
         use_bf16 = cfg.run.precision == "bf16" or (
             cfg.run.precision == "auto" and device.type == "cuda"
         )
@@ -218,11 +245,25 @@ class _Step:
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         ctx = StepContext(cfg, self.device, step, seed, rng, epoch, self.cache, self.vocab)
-        inputs = self.method.inputs(images, batch, ctx)
+        labels = None
+        if self.names:
+            labels = batch["masks"].to(self.device, non_blocking=True)
+            text = self.method.dense.text(self.model.model, self.names, ctx)
+            inputs = StepInputs(model={"images": images, "text": text})
+        else:
+            inputs = self.method.inputs(images, batch, ctx)
         set_lr(self.opt, lr_at(step, self.total, cfg.optim))
         with self.autocast():
-            out = self.net(**inputs.model)
-        terms = self.loss_fn(out, **inputs.loss)
+            out, aux = self.net(**inputs.model)
+        if self.names:
+            seg = mask_loss(out.logits, labels, self.method.dense.probabilities)
+            terms = {"total": cfg.loss.seg * seg, "seg": seg}
+        else:
+            terms = self.loss_fn(out, **inputs.loss)
+        extra = auxiliary_terms(aux, cfg.loss, batch["images"], labels)
+        weights = {"structure": cfg.loss.structure, "patch_align": cfg.loss.patch_align}
+        for name, value in extra.items():
+            terms = {**terms, "total": terms["total"] + weights[name] * value, name: value}
         loss = terms["total"]
         first_bad = (self.nonfinite_at == 0) & ~torch.isfinite(loss)
         self.nonfinite_at = torch.where(first_bad, step, self.nonfinite_at)
@@ -233,7 +274,7 @@ class _Step:
         self.opt.step()
         if self.method.after_step is not None:
             with torch.no_grad():
-                self.method.after_step(self.model, cfg)
+                self.method.after_step(self.model.model, cfg)
         return {k: v.detach() for k, v in terms.items()}
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
@@ -278,7 +319,7 @@ def encode_labels(
     torch.manual_seed(cfg.run.seed)
     model = methods.trained(cfg.method).build(cfg.model).to(device)
     t0 = time.time()
-    cache = _label_table(cfg, model, vocab, Ranks(), on_start, on_encode)
+    cache = _label_table(cfg, model, vocab.phrases, Ranks(), on_start, on_encode)
     rate = cache.encoded / max(time.time() - t0, 1e-9)
     return EncodeStats(len(vocab.phrases), cache.encoded, str(cache.path), round(rate, 1))
 
@@ -310,8 +351,9 @@ def run_train(
             for folder in (run, run / "checkpoints"):
                 clean_stale(folder)  # temporaries of a run that was killed
             write_json(run / "config.json", cfg.to_dict())
-        vocab = Vocabulary(cfg.data.shards)
-        if cfg.data.absent and not vocab.phrases:
+        masks = plan.masks is not None
+        vocab = Vocabulary(cfg.data.shards) if not masks else None
+        if not masks and cfg.data.absent and not vocab.phrases:
             raise UserError(
                 f"data.absent draws negatives from {Path(cfg.data.shards) / VOCABULARY}, which "
                 "does not exist; run `synseg-data pack` again to write it"
@@ -320,10 +362,12 @@ def run_train(
             from trainer.eval.datasets import open_dataset
 
             open_dataset(cfg.run.val_dataset, cfg.run.val_root, limit=cfg.run.val_limit)
-        cache = _label_table(cfg, model, vocab, env, on_encode_start, on_encode)
+        names = plan.masks.names if masks else None
+        phrases = names if masks else vocab.phrases
+        cache = _label_table(cfg, model.model, phrases, env, on_encode_start, on_encode)
         stats.phrases_encoded = cache.encoded if cache is not None else 0
         net = _wrap(model, cfg, env, device)
-        step_fn = _Step(cfg, model, net, opt, plan.total, cache, vocab, env, device)
+        step_fn = _Step(cfg, model, net, opt, plan.total, cache, vocab, env, device, names)
         _loop(cfg, plan, model, opt, step_fn, stats, env, on_step)
     finally:
         if env.world > 1 and dist.is_initialized():
@@ -339,10 +383,9 @@ def _read(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in zip(terms, numbers, strict=True)}
 
 
-def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, on_step) -> None:
-    """Epochs of batches from the stream, from where the plan starts to its last step."""
-    run = Path(cfg.run.output)
-    metrics = MetricsLog(run, plan.start_step, env.main, reporters(cfg.run), cfg.to_dict())
+def _shard_batches(cfg, plan: _Plan, env, pin: bool, stats: TrainStats):
+    """(epoch, batch index, batch, stream position) from the shard stream, from where the plan
+    starts: the saved position of each worker when it fits, else the epoch replayed."""
     stream = ShardStream(
         plan.shards,
         cfg.data.image_size,
@@ -353,58 +396,85 @@ def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, 
         env.rank,
         env.world,
     )
-    pin = step_fn.device.type == "cuda"
     spe, total = plan.steps_per_epoch, plan.total
     first_epoch, first_batch, resume_at = _stream_start(plan, cfg, env)
     stream.set_epoch(first_epoch)
     stream.check_resume(resume_at, max(1, cfg.data.workers))
+    for epoch in range(first_epoch, -(-total // spe)):
+        start = first_batch if epoch == first_epoch else 0
+        positions = dict(resume_at["workers"]) if resume_at and epoch == first_epoch else {}
+        stream.set_epoch(epoch, resume_at if epoch == first_epoch else None)
+        batches = iter(loader(stream, cfg.data.workers, pin))
+        if resume_at is None and epoch == first_epoch:
+            stats.replayed = start
+            for _ in range(start):
+                next(batches)  # no saved position: replay the stream up to the resume
+        for i in range(start, spe):
+            batch = next(batches)
+            positions[str(batch["worker"])] = batch["state"]
+            yield epoch, i, batch, {"epoch": epoch, "batches": i + 1, "positions": positions}
+
+
+def _mask_batches(cfg, plan: _Plan, env, pin: bool):
+    """(epoch, batch index, batch, None) of the mask dataset: a batch is named by its index in
+    the epoch's permutation, so a resumed run needs no stream position."""
+    spe, total = plan.steps_per_epoch, plan.total
+    first_epoch, first_batch, _ = _stream_start(plan, cfg, env)
+    for epoch in range(first_epoch, -(-total // spe)):
+        start = first_batch if epoch == first_epoch else 0
+        plan_e = epoch_batches(
+            len(plan.masks), cfg.data.batch_size, cfg.run.seed, epoch, env.rank, env.world
+        )
+        batches = mask_loader(plan.masks, plan_e[start:], cfg.data.workers, pin)
+        for i, batch in enumerate(batches, start):
+            yield epoch, i, batch, None
+
+
+def _loop(cfg, plan: _Plan, model, opt, step_fn: _Step, stats: TrainStats, env, on_step) -> None:
+    """Epochs of batches, from where the plan starts to its last step."""
+    run = Path(cfg.run.output)
+    metrics = MetricsLog(run, plan.start_step, env.main, reporters(cfg.run), cfg.to_dict())
+    pin = step_fn.device.type == "cuda"
+    spe, total = plan.steps_per_epoch, plan.total
+    if plan.masks is not None:
+        batches = _mask_batches(cfg, plan, env, pin)
+    else:
+        batches = _shard_batches(cfg, plan, env, pin, stats)
     model.train()
     t0, seen, step = time.time(), 0, plan.start_step
     try:
-        for epoch in range(first_epoch, -(-total // spe)):
-            start = first_batch if epoch == first_epoch else 0
-            positions = dict(resume_at["workers"]) if resume_at and epoch == first_epoch else {}
-            stream.set_epoch(epoch, resume_at if epoch == first_epoch else None)
-            batches = iter(loader(stream, cfg.data.workers, pin))
-            if resume_at is None and epoch == first_epoch:
-                stats.replayed = start
-                for _ in range(start):
-                    next(batches)  # no saved position: replay the stream up to the resume
-            for i in range(start, spe):
-                batch = next(batches)
-                positions[str(batch["worker"])] = batch["state"]
-                step = epoch * spe + i + 1
-                terms = step_fn(batch, step, epoch)
-                seen += batch["images"].shape[0] * env.world
-                stats.bad_samples += batch["bad"]
-                rate = seen / max(time.time() - t0, 1e-9)
-                stats.steps, stats.images, stats.images_per_second = step, seen, rate
-                save = step == total or (cfg.run.save_every and step % cfg.run.save_every == 0)
-                values = None
-                if step % cfg.run.log_every == 0 or save:
-                    step_fn.check_finite(terms)
-                    values = _read(terms)
-                    stats.loss = values
-                    metrics.write(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": values,
-                            "lr": opt.param_groups[0]["lr"],
-                            "images_per_second": round(rate, 2),
-                            "bad_samples": stats.bad_samples,
-                        }
-                    )
-                if on_step and env.main:
-                    on_step(step, total, values, rate)
-                _validate(cfg, model, step, metrics, stats, env)
-                if save:
-                    where = {"epoch": epoch, "batches": i + 1, "positions": positions}
-                    stats.checkpoint = _save(
-                        run, step, model, opt, epoch, cfg, step_fn.cache, env, where
-                    )
-                if step >= total:
-                    return
+        for epoch, i, batch, where in batches:
+            step = epoch * spe + i + 1
+            terms = step_fn(batch, step, epoch)
+            seen += batch["images"].shape[0] * env.world
+            stats.bad_samples += batch["bad"]
+            rate = seen / max(time.time() - t0, 1e-9)
+            stats.steps, stats.images, stats.images_per_second = step, seen, rate
+            save = step == total or (cfg.run.save_every and step % cfg.run.save_every == 0)
+            values = None
+            if step % cfg.run.log_every == 0 or save:
+                step_fn.check_finite(terms)
+                values = _read(terms)
+                stats.loss = values
+                metrics.write(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": values,
+                        "lr": opt.param_groups[0]["lr"],
+                        "images_per_second": round(rate, 2),
+                        "bad_samples": stats.bad_samples,
+                    }
+                )
+            if on_step and env.main:
+                on_step(step, total, values, rate)
+            _validate(cfg, model.model, step, metrics, stats, env)
+            if save:
+                stats.checkpoint = _save(
+                    run, step, model, opt, epoch, cfg, step_fn.cache, env, where
+                )
+            if step >= total:
+                return
     finally:
         metrics.close()
 
@@ -429,23 +499,26 @@ def _validate(cfg, model, step: int, metrics: MetricsLog, stats: TrainStats, env
     metrics.write({"step": step, "val": stats.val})
 
 
-def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict) -> str:
-    """A checkpoint of the main process, with every rank's stream positions in it."""
+def _save(run, step, model, opt, epoch, cfg, cache, env, where: dict | None) -> str:
+    """A checkpoint of the main process, with every rank's stream positions in it (none for
+    mask batches, which their index names)."""
     path = ""
     distributed.check_ranks_agree(model.trainable_parameters(), env, step)
     checkpoint.refuse_non_finite(model, step)
-    mine = where["positions"]
-    ranks = [mine]
-    if env.world > 1:
-        ranks = [None] * env.world
-        dist.all_gather_object(ranks, mine)
-    stream = {
-        "epoch": where["epoch"],
-        "batches": where["batches"],
-        "world": env.world,
-        "workers": cfg.data.workers,
-        "ranks": ranks,
-    }
+    stream = None
+    if where is not None:
+        mine = where["positions"]
+        ranks = [mine]
+        if env.world > 1:
+            ranks = [None] * env.world
+            dist.all_gather_object(ranks, mine)
+        stream = {
+            "epoch": where["epoch"],
+            "batches": where["batches"],
+            "world": env.world,
+            "workers": cfg.data.workers,
+            "ranks": ranks,
+        }
     if env.main:
         extra = {"model": model.describe()}
         if cache is not None:

@@ -1,2 +1,3 @@
-"""The synthetic world's demo: in-world CLIP pretraining (``pretrain``), the CLIPSeg-style
-decoder init (``clipseg_init``), the chain (``demo``) and its report (``report``)."""
+"""The synthetic world's demo: in-world CLIP pretraining (``pretrain``), the chain (``demo``,
+whose CLIPSeg-style decoder is a mask-supervised run of the trainer), its rows (``rows``) and
+its report (``report``)."""

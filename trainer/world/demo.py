@@ -2,13 +2,15 @@
 
 1. data: world -> served on loopback -> download -> extract-nouns -> filter -> pack
 2. in-world CLIP pretraining of the tiny backbone on the captions (open_clip's ClipLoss)
-3. a CLIPSeg-style decoder on the world's ``ref`` split (masks), saved in CLIPSeg's layout
+3. a CLIPSeg-style decoder: SynSeg's model trained with masks on the world's ``ref`` split
+   (``synseg-train run --supervision masks --dataset world-ref``), alone and with each of the
+   physically-guided losses, over the seeds; the seed-42 decoder saved in CLIPSeg's layout
 4. SynSeg's MCCL training from that decoder, on the packed shards (captions only); ViL-Seg on
    the same shards' captions, from the in-world CLIP and from scratch; OVSegmentor on them with
    the partners ``pair`` drew, from the in-world CLIP
 5. eval on the world's held-out masks (``tcl`` protocol), as mIoU on the seen classes (those
    ``ref`` has masks of), the unseen ones, all, and their harmonic mean: untrained decoder,
-   CLIPSeg-style, MCCL and the loss ablation of the paper's Table 2, the paper's SGD, each
+   CLIPSeg-style and its physically-guided variants, MCCL and the loss ablation of the paper's Table 2, the paper's SGD, each
    switch beyond the paper, ViL-Seg and its untrained starts (every trained row over ``seeds``
    seeds), and the training-free methods
 6. a report folder: Markdown with the table and every setting, loss curves, overlays and
@@ -32,8 +34,10 @@ from trainer.world.rows import (
     INIT,
     OVSEG_CLIP_START,
     PAPER_SGD,
+    PHYSICAL,
     SEED,
     SWEEP,
+    UNTRAINED,
     VILSEG_CLIP_START,
     VILSEG_RANDOM_START,
     TrainedRow,
@@ -68,10 +72,13 @@ class WorldDemoConfig:
     runs: str = "runs/world"  # models and training runs
     report: str = "reports/world"  # the report folder
     pretrain_steps: int = 250  # in-world CLIP pretraining steps
-    init_steps: int = 250  # CLIPSeg-style decoder steps
+    init_steps: int = 250  # CLIPSeg-style decoder steps (mask supervision on ref)
+    init_lr: float = 1e-3  # its learning rate (AdamW, weight decay 1e-4, batch_size)
+    physical: bool = True  # rows of that stage with each physically-guided loss
     mccl_steps: int = 150  # MCCL (and ViL-Seg) training steps
     mccl_lr: float = 1e-4  # their learning rate
     batch_size: int = 16  # their batch size
+    workers: int = 1  # data loader workers of every run (decoding overlaps the step)
     seeds: int = 3  # MCCL seeds per row (42, 43, ...)
     ablations: bool = True  # the Table 2 ablation (one MCCL row per left-out term)
     sweep: bool = True  # the paper's SGD and each switch beyond the paper
@@ -96,9 +103,16 @@ def _run_cached(name: str, cfg, on_stage) -> str:
     from trainer.train.loop import run_train
 
     run = Path(cfg.run.output)
+    start = getattr(cfg.model, "decoder_init", None)
     if (run / "checkpoints" / "latest").exists():
-        saved = read_config(find(run))["config"]
-        if saved == json.loads(json.dumps(cfg.to_dict())):
+        ckpt = find(run)
+        saved = read_config(ckpt)["config"]
+        # a start file written after the run (a new CLIPSeg-style init) makes it again
+        stale = (
+            start
+            and Path(start).stat().st_mtime_ns > (ckpt / "model.safetensors").stat().st_mtime_ns
+        )
+        if saved == json.loads(json.dumps(cfg.to_dict())) and not stale:
             on_stage(name, "reused")
             return str(run)
         import shutil
@@ -114,10 +128,14 @@ def run_world_demo(
     cfg: WorldDemoConfig, on_stage: Callable[[str, str], None] = lambda n, s: None
 ) -> DemoResult:
     t0 = time.time()
-    data, pre, init = _starts(cfg, on_stage)
+    data, pre = _starts(cfg, on_stage)
+    starts = init_rows(cfg, pre.output, str(data.world))
+    trained = _train(cfg, starts, on_stage)
+    init = export_init(trained[INIT][SEED], Path(cfg.runs) / "clipseg-world.pth", on_stage)
     rows = trained_rows(cfg, pre.output, init.output, str(data.shards))
-    trained = _train(cfg, rows, on_stage)
-    table = _score(cfg, data, pre.output, init.output, rows, trained, on_stage)
+    trained |= _train(cfg, rows, on_stage)
+    rows = starts + rows
+    table = _score(cfg, data, pre.output, rows, trained, on_stage)
     first = {r.name: trained[r.name][SEED] for r in rows}
     movement = {
         name: decoder_movement(first[name], init.output)
@@ -140,10 +158,9 @@ def run_world_demo(
 
 
 def _starts(cfg: WorldDemoConfig, on_stage):
-    """The data chain, the in-world CLIP and the CLIPSeg-style decoder (each reused when done)."""
+    """The data chain and the in-world CLIP (each reused when done)."""
     from pipeline.demo import DemoConfig, run_demo
     from pipeline.world import CLASSES
-    from trainer.world.clipseg_init import ClipSegInitConfig, run_clipseg_init
     from trainer.world.pretrain import PretrainConfig, run_pretrain
 
     runs = Path(cfg.runs)
@@ -168,28 +185,109 @@ def _starts(cfg: WorldDemoConfig, on_stage):
         f"{pre.prompt_cosine_after:.2f}"
         + (" (reused)" if pre.reused else f", {pre.seconds:.0f} s"),
     )
-    model_fields = {
-        "arch": "synseg-tiny",
-        "pretrained": pre.output,
-        "taps": [1, 2, 3],
-        "ffn_dim": 256,
-        "dropout": 0.0,
-        "normalise": "clip",
-    }
-    init = run_clipseg_init(
-        ClipSegInitConfig(
-            world=str(data.world),
-            output=str(runs / "clipseg-world.pth"),
-            model=model_fields,
-            steps=cfg.init_steps,
-        )
+    return data, pre
+
+
+# The tiny SynSeg model every SynSeg row of the demo trains (the in-world CLIP's backbone).
+def _model_settings(clip: str) -> list[str]:
+    return [f"model.pretrained={clip}", "model.normalise=clip"]
+
+
+def init_rows(cfg: WorldDemoConfig, clip: str, world: str) -> list[TrainedRow]:
+    """The CLIPSeg-style stage: SynSeg's decoder trained with masks on the ref split (every
+    seen class a prompt, per-class BCE, as CLIPSeg), alone and with each physically-guided
+    loss."""
+    settings = (
+        "data.supervision=masks",
+        "data.dataset=world-ref",
+        f"data.root={world}",
+        *_model_settings(clip),
+        f"data.batch_size={cfg.batch_size}",
+        "optim.name=adamw",
+        f"optim.lr={cfg.init_lr}",
+        "optim.weight_decay=1e-4",
+        "optim.grad_clip=0",
+        "optim.epochs=0",
+        f"optim.max_steps={cfg.init_steps}",
+        f"run.device={cfg.device}",
+        "run.log_every=5",
+        f"data.workers={cfg.workers}",
     )
-    on_stage(
-        "CLIPSeg-style decoder",
-        f"BCE {init.loss_first:.3f} -> {init.loss_last:.3f}"
-        + (" (reused)" if init.reused else f", {init.seconds:.0f} s"),
+    rows = [TrainedRow(INIT, "synseg", settings, UNTRAINED, "clipseg-init")]
+    if cfg.physical:
+        rows += [
+            TrainedRow(
+                f"{INIT} {name}",
+                "synseg",
+                (*settings, *extra),
+                INIT,
+                f"clipseg-init-{_slug(name)}",
+                tuple(extra),
+            )
+            for name, extra in PHYSICAL.items()
+        ]
+    return rows
+
+
+def _same_weights(path: Path, weights: dict) -> bool:
+    import torch
+
+    if not path.exists():
+        return False
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file is written again
+        return False
+    return old.keys() == weights.keys() and all(torch.equal(old[k], weights[k]) for k in old)
+
+
+@dataclass
+class InitStats:
+    """The CLIPSeg-style decoder the MCCL rows start from: its run and its CLIPSeg-layout file."""
+
+    run: str
+    output: str
+    steps: int
+    images: int
+    loss_first: float
+    loss_last: float
+
+
+def export_init(run: str, output: Path, on_stage) -> InitStats:
+    """The decoder of a mask-supervised SynSeg run, written in CLIPSeg's layout (what
+    ``model.decoder_init`` and ``--decoder-init`` read, as they read CLIPSeg's release)."""
+    import torch
+
+    from synseg.fsutil import atomic_path
+    from trainer.model.decoder import read_state_dict
+    from trainer.train.checkpoint import find, read_config
+
+    ckpt = find(run)
+    weights = read_state_dict(ckpt / "model.safetensors")
+    decoder = {k[len("decoder.") :]: v for k, v in weights.items() if k.startswith("decoder.")}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not _same_weights(output, decoder):  # rewritten only when it changed: runs from it stay
+        with atomic_path(output) as tmp:
+            torch.save(decoder, tmp)
+    logged = [
+        json.loads(line)
+        for line in (Path(run) / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    cfg = read_config(ckpt)["config"]
+    from trainer.train.masks import MaskSet
+
+    images = len(MaskSet(cfg["data"]["dataset"], cfg["data"]["root"], cfg["data"]["image_size"]))
+    stats = InitStats(
+        run,
+        str(output),
+        int(ckpt.name.split("-")[-1]),
+        images,
+        logged[0]["loss"]["seg"],
+        logged[-1]["loss"]["seg"],
     )
-    return data, pre, init
+    on_stage("CLIPSeg-style decoder", f"BCE {stats.loss_first:.3f} -> {stats.loss_last:.3f}")
+    return stats
 
 
 def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> list[TrainedRow]:
@@ -202,11 +300,10 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
         f"data.batch_size={cfg.batch_size}",
         f"run.device={cfg.device}",
         "run.log_every=5",
-        "data.workers=1",  # decoding overlaps the step: about 10% faster on two cores
+        f"data.workers={cfg.workers}",  # decoding overlaps the step: ~10% faster on two cores
     ]
     mccl = [
-        f"model.pretrained={clip}",
-        "model.normalise=clip",
+        *_model_settings(clip),
         f"model.decoder_init={init}",
         *shared,
         f"optim.lr={cfg.mccl_lr}",
@@ -285,7 +382,7 @@ def _train(cfg: WorldDemoConfig, rows: list[TrainedRow], on_stage) -> dict[str, 
     return trained
 
 
-def _score(cfg, data, clip: str, init: str, rows, trained, on_stage) -> list[dict]:
+def _score(cfg, data, clip: str, rows, trained, on_stage) -> list[dict]:
     """The table: every row scored on the world's val masks, mean and spread over seeds."""
     from pipeline.world import load_world
     from trainer import methods
@@ -319,9 +416,8 @@ def _score(cfg, data, clip: str, init: str, rows, trained, on_stage) -> list[dic
             f"unseen {100 * m['unseen']:.1f}, seen {100 * m['seen']:.1f}, all {100 * m['all']:.1f}",
         )
 
-    backbone = (f"model.pretrained={clip}", "model.normalise=clip")
-    score("untrained decoder", {None: {}}, overrides=backbone)
-    score(INIT, {None: {}}, decoder_init=init, overrides=backbone)
+    backbone = tuple(_model_settings(clip))
+    score(UNTRAINED, {None: {}}, overrides=backbone)
     untrained = {  # ViL-Seg's starts, each scored before the first row trained from it
         VILSEG_CLIP_START: {"method": "vilseg", "overrides": (f"model.pretrained={clip}",)},
         VILSEG_RANDOM_START: {"method": "vilseg"},

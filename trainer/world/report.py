@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from synseg.fsutil import atomic_path, write_json
-from trainer.world.rows import PAPER_SGD, verdict
+from trainer.world.rows import INIT, PAPER_SGD, verdict
 
 
 def pm(row: dict, key: str) -> str:
@@ -20,7 +20,7 @@ def finding(rows: list[dict], movement: dict) -> str:
     the unseen classes, and which setting (if any) makes a difference beyond the seeds' spread."""
 
     by = {r["model"]: r for r in rows}
-    init, mccl = by.get("CLIPSeg-style init"), by.get("MCCL (SynSeg)")
+    init, mccl = by.get(INIT), by.get("MCCL (SynSeg)")
     if not (init and mccl):
         return ""
     d = 100 * (mccl["mean"]["unseen"] - init["mean"]["unseen"])
@@ -29,11 +29,11 @@ def finding(rows: list[dict], movement: dict) -> str:
     n = len(mccl["seeds"])
     text = (
         f"With the paper's losses and AdamW, MCCL {words} unseen-class mIoU over its CLIPSeg-style "
-        f"start: {_pct(init['mean']['unseen'])} -> {pm(mccl, 'unseen')} ({d:+.1f} points, mean ± "
+        f"start: {pm(init, 'unseen')} -> {pm(mccl, 'unseen')} ({d:+.1f} points, mean ± "
         f"spread over {n} seeds; a difference within twice the spread, or under half a point, "
         "is called a tie). "
-        f"Seen classes: {_pct(init['mean']['seen'])} -> {pm(mccl, 'seen')}; harmonic mean "
-        f"{_pct(init['mean']['hm'])} -> {pm(mccl, 'hm')}."
+        f"Seen classes: {pm(init, 'seen')} -> {pm(mccl, 'seen')}; harmonic mean "
+        f"{pm(init, 'hm')} -> {pm(mccl, 'hm')}."
     )
     others = [r for r in rows if r["model"].startswith("MCCL, ")]
     gains = [r for r in others if verdict(init, r, "unseen") == "gain"]
@@ -50,6 +50,17 @@ def finding(rows: list[dict], movement: dict) -> str:
         )
     else:
         text += " No other setting tried raises unseen mIoU beyond the spread either."
+    physical = [r for r in rows if r["model"].startswith(f"{INIT} + ")]
+    if physical:
+        text += (
+            " Under mask supervision, against the CLIPSeg-style decoder's own "
+            f"{pm(init, 'unseen')} on the unseen classes: "
+            + "; ".join(
+                f"{r['model'][len(INIT) + 3 :]} {pm(r, 'unseen')} ({verdict(init, r, 'unseen')})"
+                for r in physical
+            )
+            + "."
+        )
     free = [r for r in rows if r["model"].endswith("(training-free)")]
     if free:
         best = max(free, key=lambda r: r["mean"]["unseen"])
@@ -268,7 +279,10 @@ def _introduction(cfg: dict, classes: list[str], unseen: set[str], seconds: floa
         "pretraining, the CLIPSeg-style decoder, MCCL, ViL-Seg and OVSegmentor training and evaluation. This run took "
         f"{seconds / 60:.1f} minutes (stages finished by an earlier run with the same settings are reused).",
         "",
-        "The CLIPSeg-style decoder is trained with masks on the `ref` split, which shows only the "
+        "The CLIPSeg-style decoder is SynSeg's model trained with masks (`synseg-train run "
+        "--supervision masks --dataset world-ref`), alone and with each physically-guided loss "
+        "(the weighted patch alignment L_sac, the structure head's L_p against Canny edges or "
+        "mask edges), on the `ref` split, which shows only the "
         f"seen classes ({seen_names}) and is drawn in another "
         "style (flat colours, outlines, smaller objects); the unseen classes "
         f"({unseen_names}) appear only in the captions MCCL, "
@@ -294,7 +308,9 @@ def _table(rows: list[dict], variants: dict[str, list[str]]) -> list[str]:
         "mIoU (%) over the unseen classes, the seen ones, all, and the harmonic mean of unseen and "
         "seen; trained rows are mean ± spread (sample standard deviation) over seeds "
         f"{seeds_text(rows)}. The last column compares a trained row's unseen mIoU with its "
-        "start: the CLIPSeg-style decoder for MCCL, the untrained model for ViL-Seg and OVSegmentor.",
+        "start: the untrained decoder for the CLIPSeg-style init, the init (its seed-42 decoder "
+        "for MCCL) for its physically-guided variants and for MCCL, the untrained model for "
+        "ViL-Seg and OVSegmentor.",
         "",
         "| model | unseen | seen | all | harmonic mean | unseen vs start |",
         "|---|---|---|---|---|---|",
@@ -344,9 +360,10 @@ def _stages(pretrain, init, runs: dict[str, dict]) -> list[str]:
         f"- In-world CLIP pretraining: {pretrain.steps} steps; mean cosine similarity between the class prompts "
         f"{pretrain.prompt_cosine_before:.2f} before, {pretrain.prompt_cosine_after:.2f} after "
         f"(contrastive loss {pretrain.loss_first:.2f} -> {pretrain.loss_last:.2f}). Checkpoint `{pretrain.output}`.",
-        f"- CLIPSeg-style decoder: {init.steps} steps of binary cross-entropy on {init.images} ref images "
-        f"(every class a prompt; absent classes have empty targets), loss {init.loss_first:.3f} -> "
-        f"{init.loss_last:.3f}. Weights in CLIPSeg's layout: `{init.output}`.",
+        f"- CLIPSeg-style decoder: {init.steps} steps of mask supervision, binary cross-entropy on "
+        f"{init.images} ref images (every seen class a prompt; absent classes have empty "
+        f"targets), seed 42's loss {init.loss_first:.3f} -> {init.loss_last:.3f} (run "
+        f"`{init.run}`). Its decoder in CLIPSeg's layout, where MCCL starts: `{init.output}`.",
         *[
             f"- {name}: run folders " + ", ".join(f"`{run}`" for run in by_seed.values())
             for name, by_seed in runs.items()

@@ -22,7 +22,19 @@ SWEEP = {
     "absent negatives (K=2)": ["data.absent=2", "loss.neg=1"],
 }
 SEED = 42  # the first seed of a trained row (the paper's); the others follow it
-INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with
+INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with (its seed-42 run)
+UNTRAINED = "untrained decoder"
+# The CLIPSeg-style stage with each physically-guided loss (shared/seeds/003) on its own. The
+# structure head is 32 channels wide on the world's 4x4 patch grid (the paper: 256).
+PHYSICAL = {
+    "+ L_sac (weighted patch alignment)": ["loss.patch_align=1"],
+    "+ L_p (Canny edges)": ["loss.structure=1", "loss.structure_dim=32"],
+    "+ L_p (mask edges)": [
+        "loss.structure=1",
+        "loss.structure_dim=32",
+        "loss.structure_target=mask-edges",
+    ],
+}
 VILSEG_CLIP_START = "ViL-Seg untrained (in-world CLIP, random clustering head)"
 VILSEG_RANDOM_START = "ViL-Seg untrained (random towers)"
 OVSEG_CLIP_START = "OVSegmentor untrained (in-world CLIP, random groups)"

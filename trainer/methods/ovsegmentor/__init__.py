@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.methods.base import StepContext, StepInputs, TrainedMethod
+from trainer.methods.base import Dense, StepContext, StepInputs, TrainedMethod
 from trainer.methods.ovsegmentor.losses import LossConfig, Objective, mask_weight_at
 from trainer.methods.ovsegmentor.model import GroupScorer, ModelConfig, OVSegmentor
 from trainer.methods.ovsegmentor.partners import table
@@ -98,6 +98,21 @@ def scorer(model: OVSegmentor, train_cfg, infer) -> GroupScorer:
     return GroupScorer(model, infer.logit_scale)
 
 
+def class_text(model: OVSegmentor, names: list[str], ctx: StepContext) -> torch.Tensor:
+    """(C, d) the classes' prompts through the text tower (which trains: with gradients)."""
+    template = ctx.cfg.data.template
+    tokens = codec(ctx.cfg.model).tokenize([template.format(n) for n in names])
+    return model.text_embedding(tokens.to(ctx.device))
+
+
+DENSE = Dense(
+    text=class_text,
+    forward=lambda model, images, text: model.dense_train(images, text),
+    widths=lambda model: ([model.image_encoder.width], model.cfg.output_dim),
+    probabilities="softmax",  # the class scores' softmax, as its inference reads them
+)
+
+
 METHOD = TrainedMethod(
     name="ovsegmentor",
     model_config=ModelConfig,
@@ -109,4 +124,5 @@ METHOD = TrainedMethod(
     presets=Path(__file__).parent / "presets",
     check=check,
     after_step=after_step,
+    dense=DENSE,
 )

@@ -34,12 +34,13 @@ from torch import nn
 
 from synseg.errors import UserError
 from trainer.methods.base import full_precision
+from trainer.train.physical import AuxiliaryLosses
 
 BINARISE = ("absolute", "relative")
 
 
-@dataclass
-class LossConfig:
+@dataclass(frozen=True)
+class LossConfig(AuxiliaryLosses):
     entity_weight: float = 1.0  # w_e of L_entity (the paper: 1; 0: no entity completion)
     mask_weight: float = 0.1  # lambda of L_mask once it is on (the paper: 0.1)
     mask_start_epoch: int = 30  # the first epoch (0-based) with L_mask on (the paper: 30)
@@ -52,6 +53,7 @@ class LossConfig:
     entity_templates: str = "single"  # the prompted-entity sentence's templates (one drawn a step)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if min(self.entity_weight, self.mask_weight, self.dice_smooth) < 0:
             problems.append("entity_weight, mask_weight and dice_smooth must not be negative")

@@ -477,6 +477,25 @@ class OVSegmentor(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100)
 
+    def dense_train(self, images: torch.Tensor, text: torch.Tensor):
+        """Eq. 1 with gradients, for mask-supervised training: the learnt scale times
+        sum_k A_jk cos(G_k, T_c) for (C, d) normalised class embeddings, at the images' size;
+        the image tokens are the one feature level."""
+        from trainer.methods.base import DenseOutput
+
+        groups, tokens, e = self.encode_image(images)
+        if self.cfg.infer_affinity == "binding":
+            a = e.binding
+        else:
+            a = torch.softmax(self.scale() * tokens @ groups.transpose(1, 2), dim=-1)
+        s = (a @ (groups @ text.to(groups.dtype).T)).transpose(1, 2)  # (B, C, L)
+        s = s.reshape(images.shape[0], -1, *e.grid)
+        logits = F.interpolate(
+            self.scale() * s, size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        level = e.tokens.transpose(1, 2).reshape(images.shape[0], -1, *e.grid)
+        return DenseOutput(logits, [level])
+
     def forward(
         self,
         images: torch.Tensor,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.methods.base import StepContext, StepInputs, TrainedMethod
+from trainer.methods.base import Dense, StepContext, StepInputs, TrainedMethod
 from trainer.methods.synseg.losses import LossConfig, MCCLoss
 from trainer.methods.synseg.model import DecoderScorer, ModelConfig, SynSeg
 
@@ -83,6 +83,21 @@ def export_hf(model, cfg) -> tuple[dict, dict, dict, int]:
     return state, config, processor, int(clip.positional_embedding.shape[0])
 
 
+def class_text(model, names: list[str], ctx: StepContext) -> torch.Tensor:
+    """(C, d) the classes' embeddings from the label-embedding table (the frozen text tower
+    encoded them once, as the loop does for any label_embeddings method)."""
+    rows = ctx.labels.indices(names).to(ctx.device, non_blocking=True)
+    return ctx.labels.table_on(ctx.device)[rows]
+
+
+DENSE = Dense(
+    text=class_text,
+    forward=lambda model, images, text: model.dense_train(images, text),
+    widths=lambda model: ([model.cfg.reduce_dim] * len(model.cfg.taps), model.backbone.embed_dim),
+    probabilities="sigmoid",  # the decoder's logits, one binary map per prompt, as CLIPSeg
+)
+
+
 def check(cfg) -> list[str]:
     if cfg.data.absent and not cfg.loss.neg:
         return ["data.absent samples negatives for loss.neg, which is 0"]
@@ -101,4 +116,5 @@ METHOD = TrainedMethod(
     label_embeddings=True,
     check=check,
     export_hf=export_hf,
+    dense=DENSE,
 )

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.train.physical import AuxiliaryLosses
+
 LOSS_TERMS = ("align", "cont", "back", "sep", "neg")
 
 
@@ -46,7 +48,7 @@ def synergy(
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(AuxiliaryLosses):
     align: float = 1.0  # lambda_1; 0 switches the term off (Table 2 ablation)
     cont: float = 1.0  # lambda_2
     back: float = 10.0  # lambda_3

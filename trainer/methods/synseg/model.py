@@ -55,6 +55,7 @@ class TrainOutput:
     f: torch.Tensor  # (B, N, d) foreground synergy vectors
     fbar: torch.Tensor  # (B, N, d) background synergy vectors
     absent_maps: torch.Tensor | None = None  # (B, K, hw)
+    levels: list[torch.Tensor] | None = None  # the reduced taps (B, r, h, w), deepest first
 
 
 class SynSeg(nn.Module):
@@ -113,6 +114,24 @@ class SynSeg(nn.Module):
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         return self.decoder.reduce_taps(taps), grid
 
+    @staticmethod
+    def levels(reduced: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The reduced taps as maps (B, r, h, w), deepest first: class-agnostic features the
+        decoder reads (what the physically-guided heads train, trainer.train.physical)."""
+        return [r[:, 1:].transpose(1, 2).reshape(r.shape[0], -1, *grid) for r in reduced]
+
+    def dense_train(self, images: torch.Tensor, text: torch.Tensor):
+        """Logits (B, C, H, W) of every class embedding (C, d) on every image, with gradients,
+        and the feature levels: what mask-supervised training reads."""
+        from trainer.methods.base import DenseOutput
+
+        B, C = images.shape[0], text.shape[0]
+        reduced, grid = self._visual(images)
+        size = tuple(images.shape[-2:])
+        image_of = torch.arange(B, device=images.device).repeat_interleave(C)
+        logits, _ = self.decoder(reduced, text.repeat(B, 1), image_of, grid, size)
+        return DenseOutput(logits.view(B, C, *size), self.levels(reduced, grid))
+
     def _project(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(P, 1 + hw, r) tokens -> (P, hw, d) projected patch features."""
         x = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (P, r, h, w)
@@ -149,7 +168,8 @@ class SynSeg(nn.Module):
                 reduced, absent_text.reshape(B * K, d), image_of_k, grid, size
             )
             absent_maps = self.pooled_maps(neg_logits, grid).view(B, K, -1)
-        return TrainOutput(logits.view(B, N, *size), f, fbar, absent_maps)
+        levels = self.levels(reduced, grid)
+        return TrainOutput(logits.view(B, N, *size), f, fbar, absent_maps, levels)
 
     def forward(self, images, text, absent_text=None) -> TrainOutput:
         return self.forward_train(images, text, absent_text)  # what DDP calls

@@ -33,12 +33,13 @@ from torch import nn
 from synseg.errors import UserError
 from trainer.methods.base import full_precision
 from trainer.methods.vilseg.views import unflip
+from trainer.train.physical import AuxiliaryLosses
 
 LOSS_TERMS = ("vision", "cross", "cluster")
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(AuxiliaryLosses):
     vision: float = 1.0  # weight of L_vision (0 switches it off: the paper's Table 2 ablation)
     cross: float = 1.0  # weight of L_cross
     cluster: float = 1.0  # weight of L_cluster
@@ -58,6 +59,7 @@ class LossConfig:
     eps: float = sys.float_info.epsilon  # IIC's floor on J and its marginals
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if not self.temperature > 0 or not self.vision_temp > 0 or not self.vision_target_temp > 0:
             problems.append("temperature, vision_temp and vision_target_temp must be positive")
