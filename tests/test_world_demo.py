@@ -11,6 +11,7 @@ from trainer.world.demo import WorldDemoConfig, run_world_demo
 from trainer.world.rows import (
     ABLATIONS,
     INIT,
+    MCCL_START,
     OVSEG_CLIP_START,
     PHYSICAL,
     VILSEG_CLIP_START,
@@ -69,7 +70,8 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
     ):
         assert stage in stages, stage
     models = [r["model"] for r in result.table]
-    assert models[: 2 + len(INIT_ROWS)] == ["untrained decoder", *INIT_ROWS, "MCCL (SynSeg)"]
+    first = ["untrained decoder", *INIT_ROWS, MCCL_START, "MCCL (SynSeg)"]
+    assert models[: len(first)] == first
     i = models.index(VILSEG_ROWS[0])
     assert models[i - 1 : i + 3] == [
         VILSEG_CLIP_START,
@@ -78,12 +80,17 @@ def test_shortened_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeyp
         VILSEG_ROWS[1],
     ]
     assert models[i + 3 : i + 5] == [OVSEG_CLIP_START, OVSEG_ROW]
-    assert len(models) == 2 + len(INIT_ROWS) + len(ABLATIONS) + 6 + len(TRAINING_FREE)
+    assert len(models) == 3 + len(INIT_ROWS) + len(ABLATIONS) + 6 + len(TRAINING_FREE)
     starts = {r["model"]: r["start"] for r in result.table}
-    assert starts["MCCL (SynSeg)"] == INIT and starts[VILSEG_ROWS[0]] == VILSEG_CLIP_START
+    assert starts["MCCL (SynSeg)"] == MCCL_START and starts[VILSEG_ROWS[0]] == VILSEG_CLIP_START
     assert starts[VILSEG_ROWS[1]] == VILSEG_RANDOM_START and starts[INIT] == "untrained decoder"
     assert all(starts[r] == INIT for r in INIT_ROWS[1:])
     assert starts[OVSEG_ROW] == OVSEG_CLIP_START
+    # MCCL's start, scored from the decoder file the demo wrote in CLIPSeg's layout, is the
+    # init's seed-42 run, scored from its checkpoint
+    by = {r["model"]: r for r in result.table}
+    assert by[INIT]["per_seed"][0]["seed"] == 42
+    assert by[MCCL_START]["per_seed"][0]["per_class"] == by[INIT]["per_seed"][0]["per_class"]
     report = tmp_path / "reports" / "world"
     for name in ("report.md", "results.json", "loss_curves.png", "label_histogram.png"):
         assert (report / name).is_file(), name

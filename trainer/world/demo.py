@@ -32,6 +32,7 @@ from trainer.world.report import write_report
 from trainer.world.rows import (
     ABLATIONS,
     INIT,
+    MCCL_START,
     OVSEG_CLIP_START,
     PAPER_SGD,
     PHYSICAL,
@@ -135,7 +136,7 @@ def run_world_demo(
     rows = trained_rows(cfg, pre.output, init.output, str(data.shards))
     trained |= _train(cfg, rows, on_stage)
     rows = starts + rows
-    table = _score(cfg, data, pre.output, rows, trained, on_stage)
+    table = _score(cfg, data, pre.output, init.output, rows, trained, on_stage)
     first = {r.name: trained[r.name][SEED] for r in rows}
     movement = {
         name: decoder_movement(first[name], init.output)
@@ -310,10 +311,15 @@ def trained_rows(cfg: WorldDemoConfig, clip: str, init: str, shards: str) -> lis
         *cfg.overrides,
     ]
     variants = {**(ABLATIONS if cfg.ablations else {}), **(SWEEP if cfg.sweep else {})}
-    rows = [TrainedRow("MCCL (SynSeg)", "synseg", tuple(mccl), INIT, "mccl")]
+    rows = [TrainedRow("MCCL (SynSeg)", "synseg", tuple(mccl), MCCL_START, "mccl")]
     rows += [
         TrainedRow(
-            f"MCCL, {name}", "synseg", (*mccl, *extra), INIT, f"mccl-{_slug(name)}", tuple(extra)
+            f"MCCL, {name}",
+            "synseg",
+            (*mccl, *extra),
+            MCCL_START,
+            f"mccl-{_slug(name)}",
+            tuple(extra),
         )
         for name, extra in variants.items()
     ]
@@ -382,7 +388,7 @@ def _train(cfg: WorldDemoConfig, rows: list[TrainedRow], on_stage) -> dict[str, 
     return trained
 
 
-def _score(cfg, data, clip: str, rows, trained, on_stage) -> list[dict]:
+def _score(cfg, data, clip: str, init: str, rows, trained, on_stage) -> list[dict]:
     """The table: every row scored on the world's val masks, mean and spread over seeds."""
     from pipeline.world import load_world
     from trainer import methods
@@ -418,7 +424,8 @@ def _score(cfg, data, clip: str, rows, trained, on_stage) -> list[dict]:
 
     backbone = tuple(_model_settings(clip))
     score(UNTRAINED, {None: {}}, overrides=backbone)
-    untrained = {  # ViL-Seg's starts, each scored before the first row trained from it
+    untrained = {  # the starts, each scored before the first row trained from it
+        MCCL_START: {"decoder_init": init, "overrides": backbone},
         VILSEG_CLIP_START: {"method": "vilseg", "overrides": (f"model.pretrained={clip}",)},
         VILSEG_RANDOM_START: {"method": "vilseg"},
         OVSEG_CLIP_START: {"method": "ovsegmentor", "overrides": (f"model.pretrained={clip}",)},

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from synseg.fsutil import atomic_path, write_json
-from trainer.world.rows import INIT, PAPER_SGD, verdict
+from trainer.world.rows import INIT, MCCL_START, PAPER_SGD, verdict
 
 
 def pm(row: dict, key: str) -> str:
@@ -20,7 +20,7 @@ def finding(rows: list[dict], movement: dict) -> str:
     the unseen classes, and which setting (if any) makes a difference beyond the seeds' spread."""
 
     by = {r["model"]: r for r in rows}
-    init, mccl = by.get(INIT), by.get("MCCL (SynSeg)")
+    init, mccl = by.get(MCCL_START) or by.get(INIT), by.get("MCCL (SynSeg)")
     if not (init and mccl):
         return ""
     d = 100 * (mccl["mean"]["unseen"] - init["mean"]["unseen"])
@@ -51,7 +51,8 @@ def finding(rows: list[dict], movement: dict) -> str:
     else:
         text += " No other setting tried raises unseen mIoU beyond the spread either."
     physical = [r for r in rows if r["model"].startswith(f"{INIT} + ")]
-    if physical:
+    if physical and INIT in by:
+        init = by[INIT]
         text += (
             " Under mask supervision, against the CLIPSeg-style decoder's own "
             f"{pm(init, 'unseen')} on the unseen classes: "
@@ -308,9 +309,9 @@ def _table(rows: list[dict], variants: dict[str, list[str]]) -> list[str]:
         "mIoU (%) over the unseen classes, the seen ones, all, and the harmonic mean of unseen and "
         "seen; trained rows are mean ± spread (sample standard deviation) over seeds "
         f"{seeds_text(rows)}. The last column compares a trained row's unseen mIoU with its "
-        "start: the untrained decoder for the CLIPSeg-style init, the init (its seed-42 decoder "
-        "for MCCL) for its physically-guided variants and for MCCL, the untrained model for "
-        "ViL-Seg and OVSegmentor.",
+        "start: the untrained decoder for the CLIPSeg-style init, the init for its "
+        "physically-guided variants, the init's seed-42 decoder (every MCCL run's start) for "
+        "MCCL, the untrained model for ViL-Seg and OVSegmentor.",
         "",
         "| model | unseen | seen | all | harmonic mean | unseen vs start |",
         "|---|---|---|---|---|---|",

@@ -22,7 +22,8 @@ SWEEP = {
     "absent negatives (K=2)": ["data.absent=2", "loss.neg=1"],
 }
 SEED = 42  # the first seed of a trained row (the paper's); the others follow it
-INIT = "CLIPSeg-style init"  # the start every MCCL row is compared with (its seed-42 run)
+INIT = "CLIPSeg-style init"  # the mask-supervised stage, over the seeds
+MCCL_START = "CLIPSeg-style init, seed 42 (MCCL's start)"  # the decoder every MCCL run starts from
 UNTRAINED = "untrained decoder"
 # The CLIPSeg-style stage with each physically-guided loss (shared/seeds/003) on its own. The
 # structure head is 32 channels wide on the world's 4x4 patch grid (the paper: 256).
