@@ -452,34 +452,63 @@ def test_ovsegmentor_trains_on_masks_with_its_softmax_scores(world, tmp_path):
     assert stats.loss["seg"] > 0 and math.isfinite(stats.loss["total"])
 
 
-def test_readme_mask_supervised_commands(world, coco_train, tmp_path, monkeypatch):
-    """The README's lines, on the world's ref split and on COCO-Stuff prepared from its
-    published layout (the tiny fake above)."""
+def readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with ``prefix`` (continuations joined), as
+    arguments of ``synseg-train``."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith(prefix))
+    args = shlex.split(line)
+    assert args[0] == "synseg-train"
+    return args[1:]
+
+
+# Shorter and smaller than the README's, for the tiny data here (a later option wins).
+QUICK = ["--steps", "2", "--set", "data.batch_size=4", "--set", "run.device=cpu"]
+
+
+def test_readme_mask_supervised_commands(world, tmp_path, monkeypatch):
+    """The README's lines as written, on the world's ref split and on COCO-Stuff in its
+    published layout (a tiny fake of stuffthingmaps), with QUICK added."""
     monkeypatch.chdir(tmp_path)
-    world_run = runner.invoke(
-        app,
-        ["run", "--preset", "tiny", "--supervision", "masks", "--dataset", "world-ref"]
-        + ["--data-root", str(world), "--output", "runs/ref-init", "--steps", "2"]
-        + ["--set", "loss.structure=1", "--set", "loss.structure_dim=8"]
-        + ["--set", "data.batch_size=4", "--set", "run.device=cpu"],
-    )
-    assert world_run.exit_code == 0, world_run.output
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "world").symlink_to(world)
+    (tmp_path / "runs" / "world").mkdir(parents=True)
+    tiny_clip_file(tmp_path / "runs" / "world" / "clip-tiny.pt")
+    ref = readme_command("synseg-train run --preset tiny --supervision masks --dataset world-ref")
+    done = runner.invoke(app, ref + QUICK)
+    assert done.exit_code == 0, done.output
     assert (tmp_path / "runs/ref-init/checkpoints/latest").exists()
-    coco = runner.invoke(
-        app,
-        ["run", "--preset", "tiny", "--supervision", "masks", "--dataset", "stuff"]
-        + ["--data-root", str(coco_train), "--output", "runs/stuff", "--steps", "2"]
-        + ["--set", "loss.patch_align=1", "--set", "data.batch_size=4"]
-        + ["--set", "run.device=cpu"],
-    )
-    assert coco.exit_code == 0, coco.output
-    config = json.loads((tmp_path / "runs/stuff/config.json").read_text())
+
+    src = tmp_path / "coco_stuff164k"  # the README's --source: stuffthingmaps as published
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        lab = rng.choice(np.array(COCO_USED[:6] + [255], np.uint8), (32, 32))
+        _jpeg(src / "images/train2017" / f"{k:012d}.jpg", 32, 32, k)
+        _png(src / "annotations/train2017" / f"{k:012d}.png", lab)
+    prepared = runner.invoke(app, readme_command("synseg-train prepare stuff --split train"))
+    assert prepared.exit_code == 0, prepared.output
+    run = readme_command("synseg-train run --preset tiny --supervision masks --dataset stuff")
+    done = runner.invoke(app, run + QUICK)
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "runs/stuff-tiny/config.json").read_text())
     assert config["data"]["supervision"] == "masks" and config["data"]["dataset"] == "stuff"
-    assert MaskSet("stuff", str(coco_train), 64).names[:2] == ["person", "bicycle"]
+    assert config["loss"]["structure_target"] == "mask-edges" and config["loss"]["patch_align"] == 1
+    assert MaskSet("stuff", "data/coco_stuff164k", 64).names[:2] == ["person", "bicycle"]
     missing = runner.invoke(
         app,
         ["run", "--preset", "tiny", "--supervision", "masks", "--dataset", "ade"]
-        + ["--data-root", str(coco_train), "--output", "runs/ade"],
+        + ["--data-root", "data/coco_stuff164k", "--output", "runs/ade"],
     )
     assert missing.exit_code != 0
     assert "prepare ade --split train" in missing.output
+
+
+def tiny_clip_file(path):
+    """A tiny CLIP's weights where the README's commands read the in-world CLIP."""
+    from trainer.model.backbone import FrozenCLIP
+
+    clip = FrozenCLIP("synseg-tiny", None, (1, 2, 3), 0)
+    torch.save(clip.model.state_dict(), path)
