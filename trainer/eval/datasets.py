@@ -50,6 +50,7 @@ class DatasetSpec:
     layout: str  # what --data-root must hold, for the error message ({split}: the split's word)
     list_samples: Callable[[Path, str], list[Sample]]  # root, the split's word
     splits: tuple[tuple[str, str], ...] = (("val", "val"), ("train", "train"))  # split -> word
+    seen_only: bool = False  # a world split of the seen classes only (renumbered to them)
 
     def word(self, split: str) -> str:
         """The split's name in the dataset's own files (ADE: validation, COCO: val2017)."""
@@ -179,6 +180,7 @@ SPECS = {
             "VOC2012/JPEGImages", "VOC2012/SegmentationClass", "VOC2012/ImageSets/Segmentation"
         ),
         (("val", "ref"), ("train", "ref")),
+        seen_only=True,
     ),
 }
 
@@ -308,13 +310,11 @@ def open_dataset(
     if missing:
         raise UserError(f"{len(missing)} image(s) of {name} are missing, e.g. {missing[0].image}")
     lookup = None
-    if name == "world-ref" and classes is None:
+    if spec.seen_only and classes is None:
         names, lookup = _seen_only(root)
-        classes = root / "classes.txt"
     else:
-        if classes is None:
-            world = name.startswith("world")
-            classes = root / "classes.txt" if world else CLASSNAMES / f"{name}.txt"
+        if classes is None:  # a world (num_classes 0) lists its own classes
+            classes = root / "classes.txt" if not spec.num_classes else CLASSNAMES / f"{name}.txt"
         names = read_classnames(Path(classes))
         expected = spec.num_classes
         if not expected:  # the world: as many classes as the world itself lists

@@ -43,7 +43,7 @@ from trainer.train.masks import MaskSet, epoch_batches, mask_loss
 from trainer.train.masks import loader as mask_loader
 from trainer.train.metrics import MetricsLog
 from trainer.train.optim import build_optimizer, lr_at, set_lr
-from trainer.train.physical import Trainee, auxiliary_terms
+from trainer.train.physical import Trainee, with_auxiliary
 from trainer.train.textcache import LabelCache
 
 
@@ -260,10 +260,7 @@ class _Step:
             terms = {"total": cfg.loss.seg * seg, "seg": seg}
         else:
             terms = self.loss_fn(out, **inputs.loss)
-        extra = auxiliary_terms(aux, cfg.loss, batch["images"], labels)
-        weights = {"structure": cfg.loss.structure, "patch_align": cfg.loss.patch_align}
-        for name, value in extra.items():
-            terms = {**terms, "total": terms["total"] + weights[name] * value, name: value}
+        terms = with_auxiliary(terms, aux, cfg.loss, batch["images"], labels)
         loss = terms["total"]
         first_bad = (self.nonfinite_at == 0) & ~torch.isfinite(loss)
         self.nonfinite_at = torch.where(first_bad, step, self.nonfinite_at)

@@ -89,9 +89,9 @@ def loader(data: MaskSet, batches: list[list[int]], workers: int, pin: bool):
 def mask_loss(logits: torch.Tensor, labels: torch.Tensor, probabilities: str) -> torch.Tensor:
     """logits (B, C, H, W) of C classes, labels (B, H, W) in 0..C-1 or 255 (ignored)."""
     logits = logits.float()
-    valid = labels != IGNORE
     if probabilities == "softmax":
         return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    valid = labels != IGNORE
     values = torch.arange(logits.shape[1], device=labels.device)
     target = (labels[:, None] == values[None, :, None, None]).to(logits.dtype)
     weight = valid[:, None].expand_as(target).to(logits.dtype)

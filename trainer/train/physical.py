@@ -261,6 +261,15 @@ class Trainee(nn.Module):
         return self.model.describe()
 
 
+def with_auxiliary(terms: dict, aux: dict, cfg: AuxiliaryLosses, images_cpu, labels) -> dict:
+    """``terms`` with the heads' losses added by name (unweighted) and, weighted, to its
+    ``total``."""
+    extra = auxiliary_terms(aux, cfg, images_cpu, labels)
+    weights = {"structure": cfg.structure, "patch_align": cfg.patch_align}
+    total = terms["total"] + sum(weights[name] * value for name, value in extra.items())
+    return {**terms, "total": total, **extra} if extra else terms
+
+
 def auxiliary_terms(aux: dict, cfg: AuxiliaryLosses, images_cpu, labels) -> dict:
     """The heads' losses by name (unweighted), in float32: ``structure`` (focal, against Canny
     edges of ``images_cpu`` or the boundaries of ``labels``) and ``patch_align``."""
@@ -278,5 +287,5 @@ def auxiliary_terms(aux: dict, cfg: AuxiliaryLosses, images_cpu, labels) -> dict
     if "align" in aux:
         logits = aux["align"].float()
         weights = patch_weights(labels, logits.shape[1], tuple(logits.shape[-2:]))
-        terms["patch_align"] = patch_align_loss(logits, weights.to(logits.dtype))
+        terms["patch_align"] = patch_align_loss(logits, weights)
     return terms

@@ -477,19 +477,24 @@ class OVSegmentor(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100)
 
-    def dense_train(self, images: torch.Tensor, text: torch.Tensor):
-        """Eq. 1 with gradients, for mask-supervised training: the learnt scale times
-        sum_k A_jk cos(G_k, T_c) for (C, d) normalised class embeddings, at the images' size;
-        the image tokens are the one feature level."""
-        from trainer.methods.base import DenseOutput
-
+    def grid_scores(self, images: torch.Tensor, text: torch.Tensor, scale) -> tuple:
+        """Eq. 1 on the patch grid: sum_k A_jk cos(G_k, T_c) for (C, d) normalised class
+        embeddings, (B, C, h, w), A the binding's attention or the tokens' softmax affinity to
+        the groups at ``scale`` (``infer_affinity``); and the encoder's output."""
         groups, tokens, e = self.encode_image(images)
         if self.cfg.infer_affinity == "binding":
             a = e.binding
         else:
-            a = torch.softmax(self.scale() * tokens @ groups.transpose(1, 2), dim=-1)
-        s = (a @ (groups @ text.to(groups.dtype).T)).transpose(1, 2)  # (B, C, L)
-        s = s.reshape(images.shape[0], -1, *e.grid)
+            a = torch.softmax(scale * tokens @ groups.transpose(1, 2), dim=-1)  # (B, L, K)
+        s = a @ (groups @ text.to(groups.dtype).T)  # (B, L, C)
+        return s.transpose(1, 2).reshape(images.shape[0], -1, *e.grid), e
+
+    def dense_train(self, images: torch.Tensor, text: torch.Tensor):
+        """Eq. 1 with gradients, for mask-supervised training: the learnt scale times the grid
+        scores, at the images' size; the image tokens are the one feature level."""
+        from trainer.methods.base import DenseOutput
+
+        s, e = self.grid_scores(images, text, self.scale())
         logits = F.interpolate(
             self.scale() * s, size=images.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -598,14 +603,7 @@ class GroupScorer:
     @torch.no_grad()
     def grid_scores(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(n, names, h, w) on the patch grid."""
-        groups, tokens, e = self.model.encode_image(crops)
-        if self.model.cfg.infer_affinity == "binding":
-            a = e.binding
-        else:
-            a = torch.softmax(self.scale * tokens @ groups.transpose(1, 2), dim=-1)  # (n, L, K)
-        cos = groups @ text.to(groups.dtype).T  # (n, K, names)
-        s = a @ cos  # (n, L, names)
-        return s.transpose(1, 2).reshape(crops.shape[0], -1, *e.grid)
+        return self.model.grid_scores(crops, text, self.scale)[0]
 
     def scores(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         grid = self.grid_scores(crops, text)

@@ -125,17 +125,27 @@ class SynSeg(nn.Module):
         and the feature levels: what mask-supervised training reads."""
         from trainer.methods.base import DenseOutput
 
-        B, C = images.shape[0], text.shape[0]
         reduced, grid = self._visual(images)
-        size = tuple(images.shape[-2:])
-        image_of = torch.arange(B, device=images.device).repeat_interleave(C)
-        logits, _ = self.decoder(reduced, text.repeat(B, 1), image_of, grid, size)
-        return DenseOutput(logits.view(B, C, *size), self.levels(reduced, grid))
+        logits = self._class_logits(reduced, grid, tuple(images.shape[-2:]), text)
+        return DenseOutput(logits, self.levels(reduced, grid))
 
     def _project(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(P, 1 + hw, r) tokens -> (P, hw, d) projected patch features."""
-        x = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (P, r, h, w)
+        x = self.levels([tokens], grid)[0]  # (P, r, h, w)
         return self.projector(x).flatten(2).transpose(1, 2)  # (P, hw, d)
+
+    def _class_logits(self, reduced, grid, size, classes: torch.Tensor, chunk: int = 0):
+        """Logits (B, C, H, W): the decoder over every (image, class embedding) pair, ``chunk``
+        pairs at a time (0: all at once)."""
+        B, C = reduced[0].shape[0], classes.shape[0]
+        image_of = torch.arange(B, device=classes.device).repeat_interleave(C)
+        cond = classes.repeat(B, 1)  # (B*C, d)
+        step = chunk or B * C
+        out = [
+            self.decoder(reduced, cond[i : i + step], image_of[i : i + step], grid, size)[0]
+            for i in range(0, B * C, step)
+        ]
+        return torch.cat(out).view(B, C, *size)
 
     @staticmethod
     def pooled_maps(logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -184,16 +194,8 @@ class SynSeg(nn.Module):
 
         One backbone pass per image; the decoder runs over all (image, class) pairs in chunks.
         """
-        B, C = images.shape[0], classes.shape[0]
         reduced, grid = self._visual(images)
-        size = tuple(images.shape[-2:])
-        image_of = torch.arange(B, device=images.device).repeat_interleave(C)
-        cond = classes.repeat(B, 1)  # (B*C, d)
-        out = [
-            self.decoder(reduced, cond[i : i + chunk], image_of[i : i + chunk], grid, size)[0]
-            for i in range(0, B * C, chunk)
-        ]
-        return torch.cat(out).view(B, C, *size)
+        return self._class_logits(reduced, grid, tuple(images.shape[-2:]), classes, chunk)
 
     def describe(self) -> dict:
         """What a checkpoint must record to rebuild this model."""
